@@ -1,0 +1,76 @@
+"""pool-noodle: a warm pool of single-use instances on one Linux host.
+
+Executors import this package::
+
+    import noodle
+    pool = noodle.attach("demo")
+    with pool.get(timeout=5.0) as lease:
+        print(lease.instance.run("1 + 1").result)
+
+Names are resolved lazily so that stdlib-only modules such as
+``noodle.agent`` import inside sandboxes without the C extension.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from noodle.errors import (
+    ConfigError,
+    DescriptorTooLarge,
+    InstanceError,
+    InstanceGone,
+    InstanceTimeout,
+    KindUnavailable,
+    LayoutMismatch,
+    LeaseReleased,
+    NoodleError,
+    PermissionDenied,
+    PoolClosed,
+    PoolCorrupt,
+    PoolExists,
+    PoolNotFound,
+    PoolShuttingDown,
+    PoolStarved,
+    SlotOutOfRange,
+    StepFailed,
+    UnknownKind,
+)
+
+if TYPE_CHECKING:
+    from noodle.client import Lease, Pool, attach
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DescriptorTooLarge",
+    "InstanceError",
+    "InstanceGone",
+    "InstanceTimeout",
+    "KindUnavailable",
+    "LayoutMismatch",
+    "Lease",
+    "LeaseReleased",
+    "NoodleError",
+    "PermissionDenied",
+    "Pool",
+    "PoolClosed",
+    "PoolCorrupt",
+    "PoolExists",
+    "PoolNotFound",
+    "PoolShuttingDown",
+    "PoolStarved",
+    "SlotOutOfRange",
+    "StepFailed",
+    "UnknownKind",
+    "attach",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("attach", "Pool", "Lease"):
+        from noodle import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'noodle' has no attribute {name!r}")

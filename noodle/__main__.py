@@ -1,0 +1,5 @@
+import sys
+
+from noodle.cli import main
+
+sys.exit(main())

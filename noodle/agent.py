@@ -1,0 +1,221 @@
+"""The in-instance agent: executes work sent by a lease holder.
+
+Stdlib only, on purpose: the same file runs in a warm ``process`` instance,
+inside a jail or container with a read-only Python bind-mounted, or as
+``python3 agent.py --socket PATH`` anywhere. The wire format is a frame per
+message::
+
+    +----------------+----------------------------+
+    | u32 big-endian | UTF-8 JSON object          |
+    | payload length | (at most MAX_FRAME bytes)  |
+    +----------------+----------------------------+
+
+Requests carry ``op``: ``ping``, ``run`` (Python source; the value of a
+trailing expression is the result), ``call`` (``"pkg.mod:func"`` with args
+and kwargs) and ``exec`` (an argv, returning exit code and output). Each
+reply has ``ok``; a failure carries ``error: {type, message, traceback}``.
+The instance is single-use, so state kept between calls of one lease (the
+``run`` namespace) is fine: the whole process is destroyed on release.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import traceback
+from typing import Any, BinaryIO
+
+MAX_FRAME = 64 * 1024 * 1024
+_LEN = struct.Struct(">I")
+
+
+class ProtocolError(Exception):
+    """A frame was truncated, oversized or not a JSON object."""
+
+
+def read_frame(rfile: BinaryIO) -> dict[str, Any] | None:
+    """Read one frame; None on a clean end of stream."""
+    head = _read_exact(rfile, _LEN.size, allow_eof=True)
+    if head is None:
+        return None
+    (size,) = _LEN.unpack(head)
+    if size > MAX_FRAME:
+        raise ProtocolError(f"frame of {size} bytes exceeds {MAX_FRAME}")
+    body = _read_exact(rfile, size, allow_eof=False)
+    assert body is not None
+    try:
+        msg = json.loads(body)
+    except ValueError as exc:
+        raise ProtocolError(f"frame is not JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("frame is not a JSON object")
+    return msg
+
+
+def write_frame(wfile: BinaryIO, msg: dict[str, Any]) -> None:
+    body = json.dumps(msg, default=repr).encode()
+    wfile.write(_LEN.pack(len(body)) + body)
+    wfile.flush()
+
+
+def _read_exact(rfile: BinaryIO, n: int, allow_eof: bool) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = rfile.read(n - len(buf))
+        if not chunk:
+            if allow_eof and not buf:
+                return None
+            raise ProtocolError(f"stream ended after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
+
+
+def _error(exc: BaseException) -> dict[str, Any]:
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+class Agent:
+    """Executes requests; one namespace per instance."""
+
+    def __init__(self) -> None:
+        self.namespace: dict[str, Any] = {"__name__": "__noodle__"}
+
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        if op == "run":
+            return self._captured(lambda: self._run(str(req.get("source", ""))))
+        if op == "call":
+            return self._captured(lambda: self._call(req))
+        if op == "exec":
+            return self._exec(req)
+        return {"ok": False, "error": {"type": "ProtocolError", "message": f"unknown op {op!r}", "traceback": ""}}
+
+    def _captured(self, fn: Any) -> dict[str, Any]:
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                result = fn()
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
+            return {"ok": False, "stdout": out.getvalue(), "stderr": err.getvalue(), "error": _error(exc)}
+        return {"ok": True, "stdout": out.getvalue(), "stderr": err.getvalue(), "result": _jsonable(result)}
+
+    def _run(self, source: str) -> Any:
+        tree = ast.parse(source, "<noodle>", "exec")
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Expression(tree.body.pop().value)
+        exec(compile(tree, "<noodle>", "exec"), self.namespace)  # noqa: S102 - running code is the point
+        if last is not None:
+            return eval(compile(last, "<noodle>", "eval"), self.namespace)  # noqa: S307
+        return None
+
+    def _call(self, req: dict[str, Any]) -> Any:
+        target = str(req.get("target", ""))
+        mod_name, _, attr = target.partition(":")
+        if not mod_name or not attr:
+            raise ValueError(f"call target must look like 'pkg.mod:func', got {target!r}")
+        obj: Any = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        args = req.get("args") or []
+        kwargs = req.get("kwargs") or {}
+        return obj(*args, **kwargs)
+
+    def _exec(self, req: dict[str, Any]) -> dict[str, Any]:
+        argv = req.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            return {"ok": False, "error": {"type": "ValueError", "message": "argv must be a non-empty list of strings", "traceback": ""}}
+        timeout = req.get("timeout")
+        try:
+            proc = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return {"ok": False, "error": _error(exc)}
+        return {
+            "ok": True,
+            "returncode": proc.returncode,
+            "stdout": proc.stdout.decode(errors="replace"),
+            "stderr": proc.stderr.decode(errors="replace"),
+        }
+
+
+def serve_stream(rfile: BinaryIO, wfile: BinaryIO, agent: Agent | None = None) -> None:
+    """Serve requests until the peer closes the stream."""
+    agent = agent or Agent()
+    while True:
+        try:
+            req = read_frame(rfile)
+        except ProtocolError as exc:
+            with contextlib.suppress(OSError):
+                write_frame(wfile, {"ok": False, "error": {"type": "ProtocolError", "message": str(exc), "traceback": ""}})
+            return
+        if req is None:
+            return
+        write_frame(wfile, agent.handle(req))
+
+
+def serve_socket(listener: socket.socket) -> None:
+    """Serve one connection at a time until killed: the instance is single-use,
+    but a lease holder may reconnect (a health check, then the work)."""
+    agent = Agent()
+    while True:
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as rfile, conn.makefile("wb") as wfile:
+            with contextlib.suppress(OSError):
+                serve_stream(rfile, wfile, agent)  # type: ignore[arg-type]
+
+
+def listen_unix(path: str) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o660)
+    sock.listen(8)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="pool-noodle in-instance agent")
+    parser.add_argument("--socket", help="Unix socket path to listen on")
+    parser.add_argument("--stdio", action="store_true", help="serve one stream on stdin/stdout")
+    parser.add_argument("--ready-fd", type=int, help="write one byte to this fd once listening")
+    args = parser.parse_args(argv)
+    if args.stdio:
+        serve_stream(sys.stdin.buffer, sys.stdout.buffer)
+        return 0
+    if not args.socket:
+        parser.error("--socket or --stdio is required")
+    listener = listen_unix(args.socket)
+    if args.ready_fd is not None:
+        os.write(args.ready_fd, b"R")
+        os.close(args.ready_fd)
+    serve_socket(listener)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

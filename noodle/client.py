@@ -1,0 +1,249 @@
+"""What executors import: attach to a pool, take a lease, give it back.
+
+``get()`` is one C call on the fast path (pop a ready slot id and CAS its
+state word ready -> leased); when nothing is ready it sleeps on a futex in
+the segment, queued in arrival order. ``release()`` CASes leased ->
+terminate and posts a terminate task without blocking; if the queue is
+full the supervisor finds the slot in the table and feeds it later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import warnings
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import msgpack
+
+from noodle import layout as L
+from noodle import queues
+from noodle.errors import (
+    LeaseReleased,
+    NoodleError,
+    PoolClosed,
+    PoolCorrupt,
+    PoolNotFound,
+    PoolShuttingDown,
+    PoolStarved,
+    UnknownKind,
+)
+from noodle.kinds import Kind, load_kind
+from noodle.procs import is_alive
+from noodle.segment import Segment
+
+log = logging.getLogger("noodle.client")
+
+_UNSET: Any = object()
+
+
+def decode_descriptor(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        value = msgpack.unpackb(raw, strict_map_key=False)
+    except Exception as exc:  # noqa: BLE001 - msgpack raises many types on garbage
+        raise PoolCorrupt(f"descriptor is not msgpack: {exc}") from None
+    if not isinstance(value, dict):
+        raise PoolCorrupt(f"descriptor is not a map: {type(value).__name__}")
+    return value
+
+
+class Lease:
+    """One instance, held until released. Use as a context manager."""
+
+    __slots__ = ("_instance", "_owner_pid", "_pool", "_released", "descriptor", "generation", "slot")
+
+    def __init__(self, pool: Pool, slot: int, generation: int, descriptor: dict[str, Any]) -> None:
+        self._pool = pool
+        self.slot = slot
+        self.generation = generation
+        self.descriptor = descriptor
+        self._instance: Any = _UNSET
+        self._released = False
+        self._owner_pid = os.getpid()
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "held"
+        return f"<Lease pool={self._pool.name} slot={self.slot} gen={self.generation} {state}>"
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    @property
+    def instance(self) -> Any:
+        """The kind's client handle (e.g. an AgentHandle with run/call)."""
+        if self._released:
+            raise LeaseReleased(f"lease of slot {self.slot} (gen {self.generation}) was released")
+        if self._instance is _UNSET:
+            self._instance = self._pool._handle(self.descriptor)
+        return self._instance
+
+    def release(self) -> bool:
+        """Give the instance back for destruction. Idempotent: True only for
+        the call that released it; False if already released or reclaimed."""
+        if self._released:
+            return False
+        self._released = True
+        inst = self._instance
+        if inst is not _UNSET and hasattr(inst, "close"):
+            with contextlib.suppress(Exception):
+                inst.close()
+        return self._pool._release(self.slot, self.generation)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        # a dropped lease is a bug in the caller, but it must not leak the
+        # instance until the holder exits; only the holder itself may release
+        if not getattr(self, "_released", True) and self._owner_pid == os.getpid():
+            warnings.warn(f"{self!r} was never released; releasing it now", ResourceWarning, stacklevel=1)
+            with contextlib.suppress(Exception):
+                self.release()
+
+
+class Pool:
+    """A client's handle on a running pool. Cheap; one per process is enough."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._seg = Segment.attach(name)
+        try:
+            self._check_live()
+            self.kind_name = self._seg.header.kind
+            self._kind: type[Kind] | None
+            try:
+                self._kind = load_kind(self.kind_name)
+            except UnknownKind:
+                log.warning("kind %r is not installed here: leases carry descriptors only", self.kind_name)
+                self._kind = None
+            self._terminate_q = queues.open_queue(name, "terminate")
+        except BaseException:
+            self._seg.close()
+            raise
+        self._closed = False
+
+    def _check_live(self) -> None:
+        h = self._seg.header
+        if not is_alive(h.creator_pid, h.creator_start):
+            raise PoolNotFound(
+                f"pool {self.name!r} has a segment but its supervisor (pid {h.creator_pid}) is gone;"
+                f" restart it with `noodle run --name {self.name}`"
+            )
+
+    @property
+    def pool_size(self) -> int:
+        return self._seg.pool_size
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _live_seg(self) -> Segment:
+        if self._closed:
+            raise PoolClosed(f"pool handle {self.name!r} was closed")
+        return self._seg
+
+    def get(self, timeout: float | None = _UNSET, health: bool | None = None) -> Lease:
+        """Lease a ready instance. Waits up to ``timeout`` seconds (the pool's
+        ``get_timeout`` by default, None for ever), in arrival order.
+
+        Raises PoolStarved on timeout and PoolShuttingDown once the pool stops.
+        With ``health`` (default: the pool's ``health_on_get``) the kind's
+        health check runs first; an unhealthy instance is released for
+        termination and the next one is tried."""
+        seg = self._live_seg()
+        default_timeout, default_health = seg.policy()
+        if timeout is _UNSET:
+            timeout = default_timeout
+        check = default_health if health is None else health
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        while True:
+            remaining = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1e9))
+            status, slot, gen = seg.core.acquire(remaining)
+            if status == L.Status.SHUTDOWN:
+                raise PoolShuttingDown(f"pool {self.name!r} is shutting down")
+            if status != L.Status.OK:
+                if not is_alive(seg.header.creator_pid, seg.header.creator_start):
+                    raise PoolNotFound(f"the supervisor of pool {self.name!r} is gone")
+                raise PoolStarved(f"no instance of pool {self.name!r} became ready within {timeout} s")
+            try:
+                lease = Lease(self, slot, gen, decode_descriptor(seg.descriptor_bytes(slot)))
+            except NoodleError:
+                self._release(slot, gen)
+                seg.count("unhealthy_on_get")
+                continue
+            if check and self._kind is not None:
+                budget = 2.0 if deadline is None else max(0.05, min(2.0, deadline - time.monotonic()))
+                if not self._kind.client_health(lease.descriptor, budget):
+                    seg.count("unhealthy_on_get")
+                    log.warning("slot %d gen %d failed its health check on get; replacing it", slot, gen)
+                    lease.release()
+                    continue
+            return lease
+
+    async def aget(self, timeout: float | None = _UNSET, health: bool | None = None) -> Lease:
+        """``get()`` for asyncio: waits in a thread, never blocks the loop.
+        If the awaiting task is cancelled, a lease that arrives late is
+        released at once, so cancellation never leaks an instance."""
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(None, lambda: self.get(timeout, health))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(_release_orphan)
+            raise
+
+    def _release(self, slot: int, gen: int) -> bool:
+        seg = self._live_seg()
+        status = L.Status(seg.core.release(slot, gen))
+        if status == L.Status.OK:
+            if not queues.send_nowait(self._terminate_q, slot, gen):
+                seg.count("queue_full")  # the supervisor's table scan feeds it
+            return True
+        if status == L.Status.STALE:
+            return False  # released twice, or reclaimed: counted by the core
+        if status == L.Status.NOT_OWNER:
+            raise LeaseReleased(f"slot {slot} gen {gen} is leased by another process; only its holder releases it")
+        raise PoolCorrupt(f"release of slot {slot} returned {status.name}")
+
+    def stats(self) -> dict[str, Any]:
+        """State counts, counters and latency percentiles, as ``noodle status --json``."""
+        return self._live_seg().snapshot()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self._terminate_q.close()
+        self._seg.close()
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def _handle(self, descriptor: Mapping[str, Any]) -> Any:
+        return self._kind.client_handle(descriptor) if self._kind is not None else None
+
+
+def _release_orphan(fut: asyncio.Future[Lease]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result().release()
+
+
+def attach(name: str) -> Pool:
+    """Attach to the running pool ``name``; PoolNotFound if there is none."""
+    return Pool(name)

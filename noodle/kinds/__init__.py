@@ -1,0 +1,53 @@
+"""Instance kinds, found by name in the ``noodle.kinds`` entry-point group."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+from noodle.errors import UnknownKind
+from noodle.kinds.base import Kind, PoolInfo, SlotContext
+
+__all__ = ["Kind", "PoolInfo", "SlotContext", "available_kinds", "load_kind"]
+
+# Built-in kinds also resolve without installed metadata (a source checkout
+# on sys.path), so a broken install still gives a clear error, not a miss.
+_BUILTIN = {
+    "process": "noodle.kinds.process:ProcessKind",
+    "jail": "noodle.kinds.jail:JailKind",
+    "oci": "noodle.kinds.oci:OciKind",
+    "microvm": "noodle.kinds.microvm:MicrovmKind",
+    "command": "noodle.kinds.command:CommandKind",
+}
+
+
+def _targets() -> dict[str, str]:
+    found = dict(_BUILTIN)
+    for ep in entry_points(group="noodle.kinds"):
+        found[ep.name] = ep.value
+    return found
+
+
+def available_kinds() -> list[str]:
+    return sorted(_targets())
+
+
+def load_kind(name: str) -> type[Kind]:
+    """The kind class registered under ``name``."""
+    targets = _targets()
+    if ":" in name and name not in targets:
+        # "pkg.module:Class" names a kind that is not registered (tests, plugins in development)
+        targets[name] = name
+    if name not in targets:
+        raise UnknownKind(f"unknown kind {name!r}; registered kinds: {', '.join(sorted(targets))}")
+    module_name, _, attr = targets[name].partition(":")
+    import importlib
+
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UnknownKind(f"kind {name!r} is registered as {targets[name]} but cannot be imported: {exc}") from None
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, Kind)):
+        raise UnknownKind(f"kind {name!r} ({targets[name]}) is not a noodle.kinds.Kind subclass")
+    return obj

@@ -1,0 +1,437 @@
+"""QEMU plumbing for the microvm kind: the command line, a detached launch,
+a small QMP client, /proc checks and the agent handle of a guest.
+
+Kept free of pool logic so the benchmark and the tests can boot a VM the
+same way the kind does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import secrets
+import shlex
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from noodle.agent import MAX_FRAME
+from noodle.errors import InstanceGone, InstanceTimeout, StepFailed
+from noodle.handle import AgentHandle
+
+AGENT_PORT = "noodle.agent"
+# sun_path is 108 bytes including the NUL.
+MAX_SOCKET_PATH = 107
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """Everything that shapes the guest. A snapshot restores only into a
+    QEMU started with the same machine, devices, memory and kernel, so one
+    VmConfig serves the template and all its restored instances."""
+
+    qemu: str
+    kernel: str
+    initrd: str
+    accel: str  # "kvm" or "tcg"
+    memory_mb: int = 128
+    cpus: int = 1
+    tsc_khz: int = 0
+    append: str = ""
+
+    def kernel_cmdline(self) -> str:
+        parts = ["console=ttyS0", "quiet", "panic=-1", "rdinit=/init", "noreplace-smp", "mitigations=off"]
+        if self.tsc_khz > 0:
+            # Without it about one boot in ten hung here calibrating the TSC under TCG.
+            parts.append(f"tsc_early_khz={self.tsc_khz}")
+        if self.append:
+            parts.append(self.append)
+        return " ".join(parts)
+
+
+def qemu_argv(
+    cfg: VmConfig,
+    name: str,
+    agent_sock: str,
+    qmp_sock: str,
+    console: str | None,
+    incoming: str | None = None,
+) -> list[str]:
+    """The QEMU command line. ``name`` goes into ``-name guest=...`` and is
+    how clean() recognises a slot's QEMU in /proc after a crash."""
+    accel = "kvm" if cfg.accel == "kvm" else "tcg,thread=single"
+    cpu = "host" if cfg.accel == "kvm" else "max"
+    argv = [
+        cfg.qemu,
+        "-name", f"guest={name}",
+        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,pit=on,pic=on",
+        "-accel", accel,
+        "-cpu", cpu,
+        "-smp", str(cfg.cpus),
+        "-m", f"{cfg.memory_mb}M",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", cfg.kernel,
+        "-initrd", cfg.initrd,
+        "-append", cfg.kernel_cmdline(),
+        "-serial", f"file:{console}" if console else "null",
+        "-device", "virtio-serial-device,max_ports=2",
+        "-chardev", f"socket,id=agent,path={agent_sock},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
+        "-chardev", f"socket,id=qmp,path={qmp_sock},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+    ]  # fmt: skip
+    if incoming is not None:
+        # QEMU 7.2 has no file: migration URI; exec: reads the state through a pipe.
+        argv += ["-incoming", "exec:cat " + shlex.quote(incoming)]
+    return argv
+
+
+# -- processes -----------------------------------------------------------------
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks since boot) or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return None
+    # comm may contain spaces and parentheses: split after the last ')'.
+    rest = raw[raw.rfind(")") + 2 :].split()
+    try:
+        return rest[0], int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def start_time(pid: int) -> int | None:
+    st = proc_stat(pid)
+    return None if st is None else st[1]
+
+
+def alive(pid: int, started: int | None) -> bool:
+    """True if ``pid`` runs and (when given) is the process that started at
+    ``started``, not a later process that reused the pid. Zombies are dead."""
+    st = proc_stat(pid)
+    if st is None or st[0] in ("Z", "X"):
+        return False
+    return started is None or st[1] == started
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def is_our_qemu(pid: int, guest_name: str) -> bool:
+    argv = cmdline(pid)
+    if not argv or "qemu-system" not in os.path.basename(argv[0]):
+        return False
+    return any(a == "-name" and b == f"guest={guest_name}" for a, b in zip(argv, argv[1:], strict=False))
+
+
+def find_qemu(guest_name: str) -> list[int]:
+    """Every live QEMU started with ``-name guest=<guest_name>``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and is_our_qemu(int(entry), guest_name):
+            found.append(int(entry))
+    return found
+
+
+def kill_and_wait(pid: int, started: int | None, timeout: float = 10.0) -> bool:
+    """SIGKILL ``pid`` if it still is the process that started at ``started``;
+    wait until it is gone (or a zombie for its reaper). False if it outlived
+    the timeout."""
+    if not alive(pid, started):
+        return True
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return wait_gone(pid, started, timeout)
+
+
+def wait_gone(pid: int, started: int | None, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while alive(pid, started):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    return True
+
+
+def launch_detached(argv: Sequence[str], log_path: str) -> int:
+    """Start ``argv`` in a new session, not as our child: fork, setsid,
+    fork again, exec. The middle process exits at once, so the QEMU is
+    reparented to the nearest subreaper (the pool supervisor) and a worker
+    that dies never takes its instances with it. Returns the QEMU's pid."""
+    rfd, wfd = os.pipe()
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        mid = os.fork()
+        if mid == 0:  # pragma: no cover - runs in the forked child
+            try:
+                os.close(rfd)
+                os.setsid()
+                pid = os.fork()
+                if pid == 0:
+                    null = os.open(os.devnull, os.O_RDONLY)
+                    os.dup2(null, 0)
+                    os.dup2(log_fd, 1)
+                    os.dup2(log_fd, 2)
+                    os.closerange(3, 65536)
+                    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+                    os.execv(argv[0], list(argv))
+                os.write(wfd, str(pid).encode())
+            finally:
+                os._exit(0)
+        os.close(wfd)
+        wfd = -1
+        data = b""
+        while True:
+            chunk = os.read(rfd, 64)
+            if not chunk:
+                break
+            data += chunk
+        while True:
+            try:
+                os.waitpid(mid, 0)
+                break
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+    finally:
+        os.close(rfd)
+        if wfd >= 0:
+            os.close(wfd)
+        os.close(log_fd)
+    if not data:
+        raise StepFailed(f"could not start {argv[0]}")
+    return int(data)
+
+
+def write_pidfile(path: str, pid: int, started: int | None) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{pid} {started if started is not None else 0}\n")
+    os.replace(tmp, path)
+
+
+def read_pidfile(path: str) -> tuple[int, int | None] | None:
+    try:
+        with open(path) as f:
+            fields = f.read().split()
+        pid, started = int(fields[0]), int(fields[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid, (started or None)
+
+
+# -- QMP -------------------------------------------------------------------------
+
+
+class QmpError(StepFailed):
+    """QEMU answered a QMP command with an error, or the monitor went away."""
+
+
+class Qmp:
+    """A minimal synchronous QMP client (JSON lines over a Unix socket)."""
+
+    def __init__(self, path: str, timeout: float = 10.0, pid: int | None = None) -> None:
+        self.path = path
+        self.events: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        sock = connect_unix(path, deadline, pid)
+        self._sock = sock
+        self._rfile = sock.makefile("rb")
+        greeting = self._read(deadline)
+        if "QMP" not in greeting:
+            self.close()
+            raise QmpError(f"{path}: not a QMP greeting: {greeting!r}")
+        self.execute("qmp_capabilities", timeout=max(0.1, deadline - time.monotonic()))
+
+    def _read(self, deadline: float) -> dict[str, Any]:
+        self._sock.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            line = self._rfile.readline()
+        except TimeoutError:
+            raise QmpError(f"{self.path}: QMP did not answer in time") from None
+        except OSError as exc:
+            raise QmpError(f"{self.path}: QMP connection broke: {exc}") from None
+        if not line:
+            raise QmpError(f"{self.path}: QEMU closed the monitor")
+        msg = json.loads(line)
+        if not isinstance(msg, dict):
+            raise QmpError(f"{self.path}: unexpected QMP message {msg!r}")
+        return msg
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
+        deadline = time.monotonic() + timeout
+        req: dict[str, Any] = {"execute": command}
+        if arguments:
+            req["arguments"] = arguments
+        try:
+            self._sock.sendall(json.dumps(req).encode() + b"\n")
+        except OSError as exc:
+            raise QmpError(f"{self.path}: QMP connection broke: {exc}") from None
+        while True:
+            msg = self._read(deadline)
+            if "event" in msg:
+                self.events.append(msg)
+                continue
+            if "error" in msg:
+                err = msg["error"]
+                raise QmpError(f"QMP {command}: {err.get('class')}: {err.get('desc')}")
+            if "return" in msg:
+                return msg["return"]
+
+    def wait_status(self, wanted: tuple[str, ...], timeout: float) -> str:
+        """Poll query-status until the VM reaches one of ``wanted`` (e.g.
+        paused once an incoming migration finished); returns it."""
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            status = self.execute("query-status", timeout=max(0.1, deadline - time.monotonic()))
+            if status.get("status") in wanted:
+                return str(status["status"])
+            if status.get("status") in ("guest-panicked", "shutdown", "internal-error", "io-error"):
+                raise QmpError(f"VM is {status.get('status')}, expected {wanted}")
+            if time.monotonic() > deadline:
+                raise QmpError(f"VM still {status.get('status')!r} after {timeout} s, expected {wanted}")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._rfile.close()
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    def __enter__(self) -> Qmp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect_unix(path: str, deadline: float, pid: int | None = None) -> socket.socket:
+    """Connect, retrying while QEMU has not created the socket yet; give up
+    early if ``pid`` (the QEMU) died meanwhile."""
+    delay = 0.001
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            sock.connect(path)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+                raise StepFailed(f"cannot connect to {path}: {exc}") from None
+        if pid is not None and not alive(pid, None):
+            raise StepFailed(f"QEMU (pid {pid}) exited before opening {path}")
+        if time.monotonic() > deadline:
+            raise StepFailed(f"{path} did not appear in time")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
+# -- the agent over virtio-serial -------------------------------------------------
+
+
+def sync_agent(sock: socket.socket, deadline: float, first_wait: float = 0.2) -> dict[str, Any]:
+    """Ping with a fresh nonce and read frames until its echo comes back.
+
+    A virtio-serial port is one stream shared by successive host clients:
+    a reply meant for an earlier client (one that timed out) can still be
+    in flight, and a restored guest drops input that arrived before the
+    restore completed. Skipping frames until our nonce's echo fixes both;
+    the ping is resent, with a growing wait, when no echo comes."""
+    wait = first_wait
+    buf = bytearray()
+    while True:
+        nonce = secrets.token_hex(8)
+        body = json.dumps({"op": "ping", "nonce": nonce}).encode()
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            sock.sendall(len(body).to_bytes(4, "big") + body)
+        except OSError as exc:
+            raise InstanceGone(f"agent connection broke: {exc}") from None
+        until = min(deadline, time.monotonic() + wait)
+        while True:
+            reply = _take_frame(buf)
+            if reply is not None:
+                # Only the latest ping counts: replies come in request order,
+                # so once it is answered no older reply is still on its way.
+                if reply.get("nonce") == nonce and reply.get("ok"):
+                    if buf:
+                        raise InstanceGone("agent sent frames nobody asked for")
+                    return reply
+                continue
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            # Plain recv, not a makefile(): a buffered reader is unusable
+            # after one timeout, and timing out here is expected.
+            sock.settimeout(left)
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            except OSError as exc:
+                raise InstanceGone(f"agent connection broke: {exc}") from None
+            if not chunk:
+                raise InstanceGone("agent connection closed")
+            buf += chunk
+        if time.monotonic() >= deadline:
+            raise InstanceTimeout("the guest agent did not answer")
+        wait = min(wait * 2, 2.0)
+
+
+def _take_frame(buf: bytearray) -> dict[str, Any] | None:
+    """Remove and decode one whole frame from the front of ``buf``."""
+    if len(buf) < 4:
+        return None
+    size = int.from_bytes(buf[:4], "big")
+    if size > MAX_FRAME:
+        raise InstanceGone(f"agent sent a frame of {size} bytes")
+    if len(buf) < 4 + size:
+        return None
+    body = bytes(buf[4 : 4 + size])
+    del buf[: 4 + size]
+    try:
+        msg = json.loads(body)
+    except ValueError:
+        return {}
+    return msg if isinstance(msg, dict) else {}
+
+
+class MicrovmHandle(AgentHandle):
+    """``lease.instance`` of a microvm: an AgentHandle that synchronises the
+    virtio-serial stream (see :func:`sync_agent`) on every new connection.
+    The guest agent is the C one: ``exec`` and ``ping`` work; ``run`` and
+    ``call`` answer with an InstanceError because the guest has no Python."""
+
+    def _connect(self, timeout: float) -> socket.socket:
+        fresh = self._sock is None
+        sock = super()._connect(timeout)
+        if fresh:
+            try:
+                sync_agent(sock, time.monotonic() + timeout)
+            except BaseException:
+                self._drop()
+                raise
+        return sock

@@ -1,0 +1,202 @@
+"""The default kind: warm Python interpreter processes.
+
+An instance is a process forked from the pool's zygote (``zygote.py``),
+which has already imported the ``preload`` modules, so a spawn costs a
+fork, not an interpreter start. It serves the agent protocol on
+``<slot dir>/instance.sock``; ``lease.instance`` is an AgentHandle with
+``run(source)``, ``call("pkg.mod:func", ...)`` and ``exec(argv)``.
+
+It isolates nothing beyond a process group, optional uid/gid and resource
+limits: code that calls setsid() can outlive terminate. Use ``jail`` or
+``oci`` for untrusted code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from noodle import agent
+from noodle.errors import KindUnavailable, StepFailed
+from noodle.handle import AgentHandle
+from noodle.kinds.base import Kind, PoolInfo, SlotContext
+from noodle.procs import is_alive, kill_verified, start_time
+
+
+class ProcessKind(Kind):
+    name = "process"
+    OPTIONS = {
+        "preload": (list, []),
+        "uid": (int, None),
+        "gid": (int, None),
+        "rlimit_as": (int, None),
+        "rlimit_nproc": (int, None),
+        "rlimit_cpu": (int, None),
+        "cwd": (str, None),  # template with {slot}, {dir}, {pool}
+        "spawn_timeout": ((int, float), 10.0),
+    }
+
+    def __init__(self, pool: PoolInfo, options: Mapping[str, Any]) -> None:
+        super().__init__(pool, options)
+        for mod in self.options["preload"]:
+            if not isinstance(mod, str):
+                from noodle.errors import ConfigError
+
+                raise ConfigError(f"kinds.process.preload: expected module names, got {mod!r}")
+        self.zygote_socket = os.path.join(pool.run_dir, "zygote.sock")
+        self._zygote: subprocess.Popen[bytes] | None = None
+
+    # -- supervisor side ----------------------------------------------------
+
+    def setup(self) -> None:
+        os.makedirs(os.path.join(self.pool.run_dir, "slots"), exist_ok=True)
+        self._start_zygote()
+
+    def _start_zygote(self) -> None:
+        cmd = [
+            sys.executable, "-m", "noodle.kinds.zygote",
+            "--socket", self.zygote_socket,
+            "--preload", ",".join(self.options["preload"]),
+            "--title", f"noodle zygote {self.pool.name}",
+        ]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, close_fds=True)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        proc.stdout.close()
+        if line.strip() != b"ready":
+            proc.kill()
+            proc.wait()
+            raise KindUnavailable(
+                f"the process kind's zygote did not start (preload {self.options['preload']!r} may not import);"
+                " see the error above"
+            )
+        self._zygote = proc
+
+    def maintain(self) -> None:
+        if self._zygote is not None and self._zygote.poll() is not None:
+            self._zygote = None
+            with contextlib.suppress(KindUnavailable):
+                self._start_zygote()
+
+    def teardown(self) -> None:
+        if self._zygote is not None:
+            self._zygote.terminate()
+            try:
+                self._zygote.wait(5)
+            except subprocess.TimeoutExpired:
+                self._zygote.kill()
+                self._zygote.wait()
+            self._zygote = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.zygote_socket)
+
+    def helper_pids(self) -> set[int]:
+        return {self._zygote.pid} if self._zygote is not None else set()
+
+    def reaped(self, pid: int) -> None:
+        """The supervisor reaped ``pid``: forget the zygote if it was it."""
+        if self._zygote is not None and self._zygote.pid == pid:
+            self._zygote.returncode = -1
+
+    # -- worker side ----------------------------------------------------------
+
+    def clean(self, slot: SlotContext) -> None:
+        pidfile = os.path.join(slot.dir, "instance.pid")
+        with contextlib.suppress(OSError, ValueError):
+            with open(pidfile) as f:
+                pid_s, start_s = f.read().split()
+            _kill_group(int(pid_s), int(start_s))
+        shutil.rmtree(slot.dir, ignore_errors=True)
+        if os.path.exists(slot.dir):
+            raise StepFailed(f"could not remove {slot.dir}")
+
+    def prepare(self, slot: SlotContext) -> None:
+        os.makedirs(slot.dir, mode=0o750, exist_ok=True)
+        uid, gid = self.options["uid"], self.options["gid"]
+        if uid is not None or gid is not None:
+            os.chown(slot.dir, -1 if uid is None else uid, -1 if gid is None else gid)
+
+    def spawn(self, slot: SlotContext) -> dict[str, Any]:
+        sock_path = os.path.join(slot.dir, "instance.sock")
+        o = self.options
+        cwd = o["cwd"].format(slot=slot.slot, dir=slot.dir, pool=slot.pool) if o["cwd"] else None
+        req = {
+            "op": "fork", "slot": slot.slot, "dir": slot.dir, "socket": sock_path, "cwd": cwd,
+            "uid": o["uid"], "gid": o["gid"],
+            "rlimits": {"as": o["rlimit_as"], "nproc": o["rlimit_nproc"], "cpu": o["rlimit_cpu"]},
+        }  # fmt: skip
+        timeout = float(o["spawn_timeout"])
+        reply = _zygote_request(self.zygote_socket, req, timeout)
+        pid, start = int(reply["pid"]), int(reply["start"])
+        descriptor = {"pid": pid, "start": start, "socket": sock_path, "dir": slot.dir}
+        handle = AgentHandle(sock_path, timeout=timeout)
+        try:
+            if not handle.ping(timeout):
+                _kill_group(pid, start)
+                raise StepFailed(f"instance pid {pid} did not answer its first ping within {timeout} s")
+        finally:
+            handle.close()
+        return descriptor
+
+    def terminate(self, slot: SlotContext, descriptor: Mapping[str, Any]) -> None:
+        pid, start = descriptor.get("pid"), descriptor.get("start")
+        if isinstance(pid, int) and isinstance(start, int):
+            _kill_group(pid, start)
+
+    # -- client side ------------------------------------------------------------
+
+    @classmethod
+    def client_handle(cls, descriptor: Mapping[str, Any]) -> AgentHandle:
+        return AgentHandle(str(descriptor["socket"]))
+
+    @classmethod
+    def client_health(cls, descriptor: Mapping[str, Any], timeout: float) -> bool:
+        pid, start = descriptor.get("pid"), descriptor.get("start")
+        if not (isinstance(pid, int) and isinstance(start, int) and is_alive(pid, start)):
+            return False
+        handle = AgentHandle(str(descriptor.get("socket", "")), timeout=timeout)
+        try:
+            return handle.ping(timeout)
+        finally:
+            handle.close()
+
+
+def _zygote_request(path: str, req: dict[str, Any], timeout: float) -> dict[str, Any]:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            with sock.makefile("wb") as w:
+                agent.write_frame(w, req)  # type: ignore[arg-type]
+            with sock.makefile("rb") as r:
+                reply = agent.read_frame(r)  # type: ignore[arg-type]
+    except (OSError, agent.ProtocolError) as exc:
+        raise StepFailed(f"zygote at {path} unreachable: {exc}") from None
+    if not reply or not reply.get("ok"):
+        raise StepFailed(f"zygote refused to fork: {reply!r}")
+    return reply
+
+
+def _kill_group(pid: int, start: int, timeout: float = 5.0) -> None:
+    """SIGKILL the instance's process group and wait until the leader is
+    gone. The leader's start time guards against a reused pid; while any
+    member of the group lives the kernel does not hand its id out again."""
+    leader_ok = start_time(pid) == start
+    if leader_ok:
+        kill_verified(pid, start, signal.SIGKILL, group=True)
+    elif start_time(pid) == 0:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)  # stragglers of a dead leader
+    deadline = time.monotonic() + timeout
+    while is_alive(pid, start):
+        if time.monotonic() > deadline:
+            raise StepFailed(f"instance pid {pid} survived SIGKILL for {timeout} s")
+        time.sleep(0.002)
