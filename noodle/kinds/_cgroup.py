@@ -157,10 +157,17 @@ class SlotCgroup:
             with contextlib.suppress(FileNotFoundError, OSError):
                 _write(os.path.join(self.paths[0], "cgroup.kill"), "1")
         delay = 0.0005
+        seen: dict[int, int | None] = {}
         while True:
             pids = self.procs()
+            for pid in pids:
+                seen.setdefault(pid, pid_start_time(pid))
             if not pids:
-                return
+                # A task leaves the cgroup early in exit(); wait for the
+                # rest of its death too, so that "terminated" means gone.
+                pids = {pid for pid, start in seen.items() if same_process(pid, start)}
+                if not pids:
+                    return
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

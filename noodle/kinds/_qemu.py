@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import secrets
@@ -45,7 +46,18 @@ class VmConfig:
     append: str = ""
 
     def kernel_cmdline(self) -> str:
-        parts = ["console=ttyS0", "quiet", "panic=-1", "rdinit=/init", "noreplace-smp", "mitigations=off"]
+        # cryptomgr.notests: the crypto self-tests were half a second of a
+        # TCG boot. init_on_free: freed pages are zero, and zero pages cost
+        # nothing in the saved state (63 -> 53 MB here).
+        parts = [
+            "console=ttyS0",
+            "quiet",
+            "panic=-1",
+            "rdinit=/init",
+            "mitigations=off",
+            "cryptomgr.notests",
+            "init_on_free=1",
+        ]
         if self.tsc_khz > 0:
             # Without it about one boot in ten hung here calibrating the TSC under TCG.
             parts.append(f"tsc_early_khz={self.tsc_khz}")
@@ -138,7 +150,7 @@ def is_our_qemu(pid: int, guest_name: str) -> bool:
     argv = cmdline(pid)
     if not argv or "qemu-system" not in os.path.basename(argv[0]):
         return False
-    return any(a == "-name" and b == f"guest={guest_name}" for a, b in zip(argv, argv[1:], strict=False))
+    return any(a == "-name" and b == f"guest={guest_name}" for a, b in itertools.pairwise(argv))
 
 
 def find_qemu(guest_name: str) -> list[int]:
@@ -193,7 +205,7 @@ def launch_detached(argv: Sequence[str], log_path: str) -> int:
                     os.dup2(log_fd, 2)
                     os.closerange(3, 65536)
                     signal.pthread_sigmask(signal.SIG_SETMASK, set())
-                    os.execv(argv[0], list(argv))
+                    os.execv(argv[0], list(argv))  # noqa: S606 - argv is ours, no shell
                 os.write(wfd, str(pid).encode())
             finally:
                 os._exit(0)

@@ -382,16 +382,34 @@ def _kill_group(pid: int, start: int | None, grace: float) -> None:
             os.kill(pid, sig)
         deadline = time.monotonic() + wait
         delay = 0.0005
-        while same_process(pid, start):
+        while same_process(pid, start) or _group_members(pid):
             if time.monotonic() > deadline:
                 break
+            if not same_process(pid, start):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)  # stragglers once the leader is gone
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
         else:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)  # stragglers of the group
             return
-    raise StepFailed(f"pid {pid} survived SIGKILL")
+    raise StepFailed(f"process group {pid} survived SIGKILL: {_group_members(pid)}")
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group: a killed one stays
+    listed until it has really exited, so terminate returns only then."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                rest = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if len(rest) > 2 and rest[0] != b"Z" and int(rest[2]) == pgid:
+            found.append(int(name))
+    return found
 
 
 def _kill_pidfile(path: str, grace: float) -> None:

@@ -66,6 +66,7 @@ class ProcessKind(Kind):
             "--socket", self.zygote_socket,
             "--preload", ",".join(self.options["preload"]),
             "--title", f"noodle zygote {self.pool.name}",
+            "--parent", str(os.getpid()),
         ]  # fmt: skip
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, close_fds=True)
         assert proc.stdout is not None
@@ -101,11 +102,6 @@ class ProcessKind(Kind):
     def helper_pids(self) -> set[int]:
         return {self._zygote.pid} if self._zygote is not None else set()
 
-    def reaped(self, pid: int) -> None:
-        """The supervisor reaped ``pid``: forget the zygote if it was it."""
-        if self._zygote is not None and self._zygote.pid == pid:
-            self._zygote.returncode = -1
-
     # -- worker side ----------------------------------------------------------
 
     def clean(self, slot: SlotContext) -> None:
@@ -129,7 +125,7 @@ class ProcessKind(Kind):
         o = self.options
         cwd = o["cwd"].format(slot=slot.slot, dir=slot.dir, pool=slot.pool) if o["cwd"] else None
         req = {
-            "op": "fork", "slot": slot.slot, "dir": slot.dir, "socket": sock_path, "cwd": cwd,
+            "op": "fork", "pool": slot.pool, "slot": slot.slot, "dir": slot.dir, "socket": sock_path, "cwd": cwd,
             "uid": o["uid"], "gid": o["gid"],
             "rlimits": {"as": o["rlimit_as"], "nproc": o["rlimit_nproc"], "cpu": o["rlimit_cpu"]},
         }  # fmt: skip

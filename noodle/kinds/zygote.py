@@ -35,6 +35,10 @@ _RLIMITS = {"as": resource.RLIMIT_AS, "nproc": resource.RLIMIT_NPROC, "cpu": res
 def _become_instance(req: dict[str, Any], listener: socket.socket) -> None:
     """In the forked child: drop to the requested identity and serve."""
     os.setsid()  # its own process group: terminate kills the group
+    with contextlib.suppress(ImportError):
+        from setproctitle import setproctitle
+
+        setproctitle(f"noodle instance {req.get('pool', '')} {req.get('slot', '')}")
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -89,7 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True)
     parser.add_argument("--preload", default="", help="comma-separated modules to import before forking")
     parser.add_argument("--title", default="")
+    parser.add_argument("--parent", type=int, default=0, help="exit when this pid (the supervisor) dies")
     args = parser.parse_args(argv)
+    if args.parent:
+        # die with the supervisor: a restarted one cannot know this zygote
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != args.parent:
+            return 1
     if args.title:
         with contextlib.suppress(ImportError):
             from setproctitle import setproctitle

@@ -1,0 +1,392 @@
+"""The jail kind against real namespaces, overlays and cgroups (no mocks).
+
+Each test drives the kind's steps directly with a pool name of its own and
+asserts at teardown that no mount, cgroup, process, loop device or file of
+any of its slots is left.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from noodle.errors import ConfigError, KindUnavailable
+from noodle.kinds._cgroup import detect
+from noodle.kinds._mounts import mountinfo
+from noodle.kinds.base import PoolInfo, SlotContext
+from noodle.kinds.jail import JailKind
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _why_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "the jail kind needs root"
+    if not shutil.which("bwrap") and not shutil.which("unshare"):
+        return "neither bwrap (Debian package bubblewrap) nor unshare is installed"
+    try:
+        detect()
+    except KindUnavailable as exc:
+        return str(exc)
+    return None
+
+
+UNAVAILABLE = _why_unavailable()
+needs_jail = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap missing: run images/jail/build.sh")
+
+
+class Jails:
+    """Makes kinds with unique pool names and checks they left nothing."""
+
+    def __init__(self, tmp: str) -> None:
+        self.tmp = tmp
+        self.made: list[tuple[JailKind, int]] = []
+        self.extra_dirs: list[str] = []
+
+    def kind(self, pool_size: int = 1, **options: Any) -> JailKind:
+        name = f"t{os.getpid()}{secrets.token_hex(3)}"
+        if options.get("userns"):
+            # bwrap runs as the slot uid and must traverse every parent,
+            # which pytest's 0700 base dir forbids.
+            run_dir = tempfile.mkdtemp(prefix=f"noodle-{name}-", dir="/tmp")
+            os.chmod(run_dir, 0o711)
+            self.extra_dirs.append(run_dir)
+        else:
+            run_dir = os.path.join(self.tmp, name)
+            os.makedirs(run_dir, mode=0o700)
+        kind = JailKind(PoolInfo(name, pool_size, run_dir, 0, 0), options)
+        kind.setup()
+        self.made.append((kind, pool_size))
+        return kind
+
+    def finish(self) -> None:
+        errors = []
+        for kind, size in self.made:
+            for slot in range(size):
+                try:
+                    kind.clean(kind.pool.slot(slot))
+                except Exception as exc:
+                    errors.append(f"clean {kind.pool.name}/{slot}: {exc}")
+                errors += leftovers(kind, kind.pool.slot(slot))
+            kind.teardown()
+        for d in self.extra_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        assert not errors, errors
+
+
+def leftovers(kind: JailKind, slot: SlotContext) -> list[str]:
+    """Everything of the slot still on the host, as readable strings."""
+    found: list[str] = []
+    source = kind.mount_source(slot.slot)
+    base = os.path.realpath(slot.dir) + "/"
+    for point, fstype, src, _ in mountinfo():
+        if src == source or (point + "/").startswith(base):
+            found.append(f"mount {fstype} {src} on {point}")
+    cg = kind.slot_cgroup(slot.slot)
+    if cg is not None:
+        found += [f"cgroup dir {p}" for p in cg.paths if os.path.exists(p)]
+        marker = f"/{kind.options['cgroup_parent']}/{kind.cgroup_name(slot.slot)}\n"
+        for proc in glob.glob("/proc/[0-9]*/cgroup"):
+            try:
+                with open(proc) as f:
+                    if marker in f.read():
+                        found.append(f"process {proc.split('/')[2]} in the slot's cgroup")
+            except OSError:
+                pass
+    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(backing) as f:
+                if f.read().strip().startswith(kind.pool.run_dir):
+                    found.append(f"loop device {backing}")
+        except OSError:
+            pass
+    if os.path.lexists(slot.dir):
+        found.append(f"slot dir {slot.dir}")
+    return found
+
+
+@pytest.fixture
+def jails(tmp_path: Any) -> Iterator[Jails]:
+    j = Jails(str(tmp_path))
+    yield j
+    j.finish()
+
+
+def up(kind: JailKind, slot_id: int = 0) -> tuple[SlotContext, dict[str, Any]]:
+    slot = kind.pool.slot(slot_id)
+    kind.clean(slot)
+    kind.prepare(slot)
+    return slot, kind.spawn(slot)
+
+
+def run(desc: dict[str, Any], source: str) -> Any:
+    handle = JailKind.client_handle(desc)
+    try:
+        return handle.run(source, timeout=60).result
+    finally:
+        handle.close()
+
+
+# -- this machine must really run them ---------------------------------------------
+
+
+def test_jail_tests_run_here() -> None:
+    """With bubblewrap installed (images/jail/build.sh) or in CI, the jail
+    tests must not be skipped for want of a tool."""
+    if not (os.environ.get("CI") or shutil.which("bwrap")):
+        pytest.skip("not CI and bubblewrap not installed; run images/jail/build.sh")
+    assert shutil.which("bwrap"), "images/jail/build.sh should have installed bubblewrap"
+    assert UNAVAILABLE is None, UNAVAILABLE
+    assert os.path.isdir(os.path.join(REPO, "images", "build", "jail", "rootfs")), "run images/jail/build.sh"
+
+
+# -- lifecycle ------------------------------------------------------------------------
+
+
+@needs_jail
+@pytest.mark.timeout(120)
+def test_full_cycle(jails: Jails) -> None:
+    kind = jails.kind()
+    slot, desc = up(kind)
+    assert len(repr(desc)) < 1024
+    assert {"pid", "start", "socket", "cgroup"} <= set(desc)
+    assert run(desc, "1+1") == 2
+    assert kind.health(desc, 5.0)
+    assert JailKind.client_health(desc, 5.0)
+    pids = JailKind.instance_pids(desc)
+    assert desc["pid"] in pids
+    kind.terminate(slot, desc)
+    assert not kind.health(desc, 1.0)
+    assert all(not os.path.exists(f"/proc/{p}/stat") or open(f"/proc/{p}/stat").read().split(") ")[1][0] == "Z"
+               for p in pids)
+    kind.clean(slot)
+    assert leftovers(kind, slot) == []
+
+
+@needs_jail
+@pytest.mark.timeout(120)
+def test_isolation(jails: Jails, tmp_path: Any) -> None:
+    kind = jails.kind(pool_size=2, uid_base=210000)
+    s0, d0 = up(kind, 0)
+    s1, _d1 = up(kind, 1)
+    host_marker = f"/tmp/noodle-marker-{kind.pool.name}"
+    with open(host_marker, "w") as f:
+        f.write("host secret")
+    os.chmod(host_marker, 0o644)
+    try:
+        probe = run(
+            d0,
+            f"""
+import os, socket
+root = os.stat('/root')
+(os.getuid(), os.getgid(), socket.if_nameindex(), os.path.exists({host_marker!r}),
+ os.path.exists({s1.dir!r}), os.path.exists({kind.pool.run_dir!r}), (root.st_dev, root.st_ino),
+ os.getpid(), open('/proc/self/status').read().split('CapEff:')[1].split()[0])
+""",
+        )
+    finally:
+        os.unlink(host_marker)
+    uid, gid, ifaces, sees_marker, sees_other_slot, sees_run_dir, root_id, pid, capeff = probe
+    assert (uid, gid) == (210000, 210000)
+    assert ifaces == [[1, "lo"]]  # no interface but loopback
+    assert not sees_marker
+    assert not sees_other_slot and not sees_run_dir
+    host_root = os.stat("/root")
+    assert tuple(root_id) != (host_root.st_dev, host_root.st_ino)
+    assert pid <= 3  # own pid namespace
+    assert int(capeff, 16) == 0
+
+    # Writes land in the slot's upper layer only, never in the shared lower.
+    run(d0, "open('/tmp/written-inside', 'w').write('x'); open('/home/sandbox/h', 'w').write('y')")
+    upper = os.path.join(s0.dir, "upper")
+    assert os.path.exists(os.path.join(upper, "tmp", "written-inside"))
+    assert os.path.exists(os.path.join(upper, "home", "sandbox", "h"))
+    assert not os.path.exists(os.path.join(kind._rootfs, "tmp", "written-inside"))
+    assert not os.path.exists(os.path.join(s1.dir, "upper", "tmp", "written-inside"))
+    assert run(_d1, "import os; os.path.exists('/tmp/written-inside')") is False
+    kind.terminate(s0, d0)
+    kind.clean(s0)
+    assert not os.path.exists(os.path.join(upper, "tmp", "written-inside"))
+    assert leftovers(kind, s0) == []
+
+
+@needs_jail
+@pytest.mark.timeout(120)
+def test_memory_limit_kills_the_hog(jails: Jails) -> None:
+    kind = jails.kind(memory_limit=96 * 1024 * 1024)
+    slot, desc = up(kind)
+    handle = JailKind.client_handle(desc)
+    try:
+        small = handle.exec(["python3", "-c", "x = b'a' * (16 << 20); print(len(x))"], timeout=60)
+        assert small.returncode == 0, small
+        hog = handle.exec(["python3", "-c", "x = b'a' * (400 << 20); print('survived')"], timeout=60)
+    finally:
+        handle.close()
+    assert hog.returncode == -signal.SIGKILL, hog
+    assert "survived" not in hog.stdout
+    kind.terminate(slot, desc)
+
+
+@needs_jail
+@pytest.mark.timeout(120)
+def test_pids_limit_stops_a_fork_bomb(jails: Jails) -> None:
+    kind = jails.kind(pids_limit=20)
+    slot, desc = up(kind)
+    # Bounded: at most 200 forks, every child sleeps and is killed after.
+    bomb = """
+import os, signal, time
+kids, refused = [], None
+for _ in range(200):
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        refused = exc.errno
+        break
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    kids.append(pid)
+for k in kids:
+    os.kill(k, signal.SIGKILL)
+for k in kids:
+    os.waitpid(k, 0)
+(len(kids), refused)
+"""
+    forked, refused = run(desc, bomb)
+    assert refused is not None  # EAGAIN from the pids controller
+    assert forked < 20
+    assert run(desc, "1+1") == 2  # the instance itself survives
+    kind.terminate(slot, desc)
+
+
+@needs_jail
+@pytest.mark.timeout(120)
+def test_killed_instance_is_unhealthy(jails: Jails) -> None:
+    kind = jails.kind()
+    slot, desc = up(kind)
+    assert kind.health(desc, 5.0)
+    for pid in JailKind.instance_pids(desc):
+        if pid != desc["pid"]:
+            os.kill(pid, signal.SIGKILL)
+    assert not JailKind.client_health(desc, 2.0)
+    assert not kind.health(desc, 2.0)
+    kind.terminate(slot, desc)
+    kind.clean(slot)
+    assert leftovers(kind, slot) == []
+
+
+@needs_jail
+@pytest.mark.timeout(120)
+def test_clean_after_crash_without_terminate(jails: Jails) -> None:
+    kind = jails.kind(pool_size=2)
+    slot, desc = up(kind, 1)
+    # A child that escapes the agent's process group must still go.
+    run(desc, "import subprocess; subprocess.Popen(['sleep', '300'], start_new_session=True); 1")
+    assert len(JailKind.instance_pids(desc)) >= 4
+    assert leftovers(kind, slot) != []
+    # A fresh kind object, as a restarted worker would have: no descriptor.
+    fresh = JailKind(kind.pool, kind.options)
+    fresh.clean(slot)
+    assert leftovers(kind, slot) == []
+    assert not JailKind.client_health(desc, 1.0)
+
+
+@needs_jail
+@pytest.mark.timeout(120)
+def test_clean_is_idempotent_and_prepare_again(jails: Jails) -> None:
+    kind = jails.kind()
+    slot = kind.pool.slot(0)
+    kind.clean(slot)
+    kind.clean(slot)
+    for _ in range(2):
+        kind.prepare(slot)
+        desc = kind.spawn(slot)
+        assert run(desc, "2*21") == 42
+        kind.terminate(slot, desc)
+        kind.terminate(slot, desc)  # a second terminate is harmless
+        kind.clean(slot)
+        assert leftovers(kind, slot) == []
+
+
+@needs_jail
+@needs_bwrap
+@pytest.mark.timeout(120)
+def test_userns_mode(jails: Jails) -> None:
+    if not os.path.exists("/usr/bin/python3"):
+        pytest.skip("userns mode needs a python the slot uid can reach; install python3")
+    kind = jails.kind(userns=True, python="/usr/bin/python3", uid_base=220000)
+    slot, desc = up(kind)
+    uid, ifaces = run(desc, "import os, socket; (os.getuid(), socket.if_nameindex())")
+    assert uid == 220000
+    assert ifaces == [[1, "lo"]]
+    # Seen from the host, even bwrap runs as the slot uid, and the sandbox's
+    # user namespace maps that one uid only: nothing inside is host root.
+    for pid in JailKind.instance_pids(desc):
+        with open(f"/proc/{pid}/status") as f:
+            uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+        assert uids == ["220000"] * 4
+        with open(f"/proc/{pid}/uid_map") as f:
+            maps = f.read().split()
+        assert maps in (["0", "0", "4294967295"], ["220000", "220000", "1"])
+    kind.terminate(slot, desc)
+
+
+@needs_jail
+@pytest.mark.timeout(120)
+def test_unshare_backend(jails: Jails) -> None:
+    for tool in ("unshare", "chroot", "mount"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} missing (util-linux / coreutils / mount)")
+    kind = jails.kind(backend="unshare", uid_base=230000)
+    slot, desc = up(kind)
+    uid, names = run(desc, "import os, socket; (os.getuid(), [n for _, n in socket.if_nameindex()])")
+    assert uid == 230000
+    assert names == ["lo"]
+    kind.terminate(slot, desc)
+    kind.clean(slot)
+    assert leftovers(kind, slot) == []
+
+
+@needs_jail
+@pytest.mark.timeout(60)
+def test_spawn_failure_leaves_nothing(jails: Jails) -> None:
+    kind = jails.kind(python="/bin/false", ready_timeout=5.0)
+    slot = kind.pool.slot(0)
+    kind.prepare(slot)
+    with pytest.raises(Exception, match="exited before it was ready|not ready"):
+        kind.spawn(slot)
+    cg = kind.slot_cgroup(0)
+    assert cg is not None and cg.procs() == set()
+
+
+def test_bad_options_name_the_key(tmp_path: Any) -> None:
+    pool = PoolInfo("tbad", 1, str(tmp_path), 0, 0)
+    with pytest.raises(ConfigError, match="kinds.jail.backend"):
+        JailKind(pool, {"backend": "docker"})
+    with pytest.raises(ConfigError, match="kinds.jail.memory_limit"):
+        JailKind(pool, {"memory_limit": "1G"})
+    with pytest.raises(ConfigError, match="kinds.jail.nope"):
+        JailKind(pool, {"nope": 1})
+    with pytest.raises(ConfigError, match="uid_base"):
+        JailKind(pool, {"uid_base": 0})
+
+
+def test_build_script_is_idempotent() -> None:
+    if os.geteuid() != 0 and not shutil.which("bwrap"):
+        pytest.skip("build.sh installs packages as root")
+    script = os.path.join(REPO, "images", "jail", "build.sh")
+    first = subprocess.run(["sh", script], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(["sh", script], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "up to date" in again.stdout
