@@ -90,7 +90,6 @@ static inline int64_t seq_diff(uint64_t seq, uint64_t pos) {
 #define R_OWNER_GEN 16
 #define R_FAILURES 20
 #define R_ENTERED 24
-#define R_LEASED 32
 #define R_DESC_LEN 48
 
 /* counter and histogram indices used from C (mirrored in layout.py) */
@@ -279,7 +278,6 @@ static int pop_and_lease(Core *c, uint32_t *slot_out, uint64_t *gen_out) {
                 __atomic_store_n((uint64_t *)(rec + R_OWNER_START), g_start, __ATOMIC_RELAXED);
                 __atomic_store_n((uint32_t *)(rec + R_OWNER_GEN), (uint32_t)W_GEN(w), __ATOMIC_RELEASE);
                 __atomic_store_n((uint64_t *)(rec + R_ENTERED), t, __ATOMIC_RELAXED);
-                __atomic_store_n((uint64_t *)(rec + R_LEASED), t, __ATOMIC_RELAXED);
                 *slot_out = v;
                 *gen_out = W_GEN(w);
                 return ST_OK;

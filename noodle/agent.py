@@ -94,6 +94,10 @@ def _error(exc: BaseException) -> dict[str, Any]:
     }
 
 
+def _failure(type_name: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "error": {"type": type_name, "message": message, "traceback": ""}}
+
+
 class Agent:
     """Executes requests; one namespace per instance."""
 
@@ -110,7 +114,7 @@ class Agent:
             return self._captured(lambda: self._call(req))
         if op == "exec":
             return self._exec(req)
-        return {"ok": False, "error": {"type": "ProtocolError", "message": f"unknown op {op!r}", "traceback": ""}}
+        return _failure("ProtocolError", f"unknown op {op!r}")
 
     def _captured(self, fn: Any) -> dict[str, Any]:
         out, err = io.StringIO(), io.StringIO()
@@ -125,7 +129,8 @@ class Agent:
         tree = ast.parse(source, "<noodle>", "exec")
         last = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
-            last = ast.Expression(tree.body.pop().value)
+            last = ast.Expression(tree.body[-1].value)
+            tree.body.pop()
         exec(compile(tree, "<noodle>", "exec"), self.namespace)  # noqa: S102 - running code is the point
         if last is not None:
             return eval(compile(last, "<noodle>", "eval"), self.namespace)  # noqa: S307
@@ -146,7 +151,7 @@ class Agent:
     def _exec(self, req: dict[str, Any]) -> dict[str, Any]:
         argv = req.get("argv")
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            return {"ok": False, "error": {"type": "ValueError", "message": "argv must be a non-empty list of strings", "traceback": ""}}
+            return _failure("ValueError", "argv must be a non-empty list of strings")
         timeout = req.get("timeout")
         try:
             proc = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
@@ -168,7 +173,7 @@ def serve_stream(rfile: BinaryIO, wfile: BinaryIO, agent: Agent | None = None) -
             req = read_frame(rfile)
         except ProtocolError as exc:
             with contextlib.suppress(OSError):
-                write_frame(wfile, {"ok": False, "error": {"type": "ProtocolError", "message": str(exc), "traceback": ""}})
+                write_frame(wfile, _failure("ProtocolError", str(exc)))
             return
         if req is None:
             return
@@ -183,7 +188,7 @@ def serve_socket(listener: socket.socket) -> None:
         conn, _ = listener.accept()
         with conn, conn.makefile("rb") as rfile, conn.makefile("wb") as wfile:
             with contextlib.suppress(OSError):
-                serve_stream(rfile, wfile, agent)  # type: ignore[arg-type]
+                serve_stream(rfile, wfile, agent)
 
 
 def listen_unix(path: str) -> socket.socket:

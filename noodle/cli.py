@@ -227,7 +227,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 print("the pool did not fill within 60 s", file=sys.stderr)
                 return EXIT_ERROR
             time.sleep(0.01)
-        print(f"pool {args.name!r} full: {args.pool_size} warm instances in {time.monotonic() - t0:.2f} s\n", flush=True)
+        took = time.monotonic() - t0
+        print(f"pool {args.name!r} full: {args.pool_size} warm instances in {took:.2f} s\n", flush=True)
         for src in ("print(1 + 1)", "import os; os.getpid()", "sum(i * i for i in range(10**5))",
                     "open('/etc/hostname').read().strip()"):  # fmt: skip
             t = time.perf_counter()

@@ -40,6 +40,7 @@ from noodle.segment import Segment
 log = logging.getLogger("noodle.client")
 
 _UNSET: Any = object()
+HEARTBEAT_STALE = 2.0  # seconds
 
 
 def decode_descriptor(raw: bytes) -> dict[str, Any]:
@@ -168,6 +169,10 @@ class Pool:
             timeout = default_timeout
         check = default_health if health is None else health
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        if seg.heartbeat_age() > HEARTBEAT_STALE:
+            # the supervisor beats every tick; silence means stopped or dead,
+            # and a dead pool's segment must not hand out instances
+            self._check_live()
         while True:
             remaining = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1e9))
             status, slot, gen = seg.core.acquire(remaining)
@@ -208,7 +213,9 @@ class Pool:
         seg = self._live_seg()
         status = L.Status(seg.core.release(slot, gen))
         if status == L.Status.OK:
-            if not queues.send_nowait(self._terminate_q, slot, gen):
+            if queues.send_nowait(self._terminate_q, slot, gen):
+                seg.set_queued(slot, time.monotonic_ns())
+            else:
                 seg.count("queue_full")  # the supervisor's table scan feeds it
             return True
         if status == L.Status.STALE:

@@ -69,9 +69,9 @@ class AgentHandle:
         sock.settimeout(limit)
         try:
             with sock.makefile("wb") as wfile:
-                write_frame(wfile, req)  # type: ignore[arg-type]
+                write_frame(wfile, req)
             with sock.makefile("rb") as rfile:
-                reply = read_frame(rfile)  # type: ignore[arg-type]
+                reply = read_frame(rfile)
         except TimeoutError:
             self._drop()
             raise InstanceTimeout(f"instance did not answer {req.get('op')!r} within {limit} s") from None

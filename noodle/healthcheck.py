@@ -32,7 +32,7 @@ def run_cycle(kind: Kind, scratch_slot: int, step_timeout: float) -> dict[str, f
         try:
             with step_deadline(step_timeout):
                 result = fn()
-        except Exception as exc:  # noqa: BLE001 - report any failure with its step
+        except Exception as exc:
             raise HealthCheckFailed(f"check_health: step {name!r} failed: {type(exc).__name__}: {exc}") from exc
         timings[name] = time.monotonic() - t0
         return result
@@ -55,7 +55,7 @@ def run_cycle(kind: Kind, scratch_slot: int, step_timeout: float) -> dict[str, f
             if descriptor:
                 kind.terminate(ctx, descriptor)
             kind.clean(ctx)
-        except Exception:  # noqa: BLE001, S110 - best effort; the original error is what matters
+        except Exception:  # noqa: BLE001 - best effort; the original error is what matters
             pass
         raise
     return timings

@@ -52,7 +52,7 @@ Slot table (pool_size x slot_size bytes)::
         16    4  owner_gen          low 32 bits of the generation it belongs to
         20    4  failures           consecutive failed steps
         24    8  entered_ns         CLOCK_MONOTONIC when the state was entered
-        32    8  leased_ns          when it was last leased
+        32    8  queued_ns          when a task for it was last queued (by anyone)
         40    8  retry_at_ns        do not dispatch before this (backoff)
         48    4  descriptor_len     bytes used in the descriptor area
         52    4  last_failed_step   STEP_* code of the last failure, 0 if none
@@ -97,7 +97,7 @@ R_OWNER_START = 8
 R_OWNER_GEN = 16
 R_FAILURES = 20
 R_ENTERED = 24
-R_LEASED = 32
+R_QUEUED = 32
 R_RETRY_AT = 40
 R_DESC_LEN = 48
 R_LAST_FAILED = 52
@@ -338,7 +338,9 @@ class Header:
         ok = zlib.crc32(raw[:CRC_OFFSET]) == crc
         name = fields[14].rstrip(b"\0").decode("utf-8", "replace")
         kind = fields[15].rstrip(b"\0").decode("utf-8", "replace")
-        return cls(*fields[:14], pool_name=name, kind=kind), ok
+        f = fields
+        header = cls(f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11], f[12], f[13], name, kind)
+        return header, ok
 
     def geometry(self) -> Geometry:
         return Geometry(self.pool_size, self.ring_capacity, self.descriptor_cap, self.wait_cells,

@@ -65,6 +65,8 @@ def recover_stale(pool: str, kind: Kind, pool_size: int) -> int:
     segment: it is unlinked and every slot the new pool uses is cleaned."""
     stopped = 0
     old_size = 0
+    slots_dir = os.path.join(kind.pool.run_dir, "slots")
+    remains = os.path.isdir(slots_dir) and bool(os.listdir(slots_dir))
     try:
         seg = Segment.attach(pool)
     except posix_ipc.ExistentialError:
@@ -92,6 +94,8 @@ def recover_stale(pool: str, kind: Kind, pool_size: int) -> int:
     with contextlib.suppress(posix_ipc.ExistentialError):
         posix_ipc.unlink_shared_memory(segment_name(pool))
     queues.unlink_all(pool)
+    if seg is None and not remains:
+        return 0  # a clean start: the clean stage of every slot runs anyway
     for slot in range(max(old_size, pool_size)):
         try:
             kind.clean(kind.pool.slot(slot))

@@ -60,7 +60,7 @@ class SlotRecord:
     owner_gen: int
     failures: int
     entered_ns: int
-    leased_ns: int
+    queued_ns: int
     retry_at_ns: int
     last_failed_step: int
     spawned_ns: int
@@ -117,10 +117,14 @@ class Segment:
         if len(kind.encode()) > 32:
             raise ConfigError(f"kind: {kind!r} is longer than 32 bytes")
         geo = L.Geometry(pool_size, L.ring_capacity_for(pool_size), descriptor_cap, wait_cells)
-        try:
-            shm = posix_ipc.SharedMemory(segment_name(pool), posix_ipc.O_CREX, mode=mode, size=geo.total_size)
-        except posix_ipc.ExistentialError:
-            raise PoolExists(f"a segment for pool {pool!r} already exists") from None
+        if os.path.exists(f"/dev/shm{segment_name(pool)}"):
+            raise PoolExists(f"a segment for pool {pool!r} already exists")
+        # Built under a private name and linked into place when complete, so
+        # an attaching client never sees a half-written header.
+        building = f"{segment_name(pool)}.building-{os.getpid()}"
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_shared_memory(building)
+        shm = posix_ipc.SharedMemory(building, posix_ipc.O_CREX, mode=mode, size=geo.total_size)
         try:
             # umask may have narrowed the mode; the group must get what was asked
             os.fchmod(shm.fd, mode)
@@ -140,6 +144,13 @@ class Segment:
         seg.core.init_ring()
         for slot in range(pool_size):
             seg.core.store64(geo.slot_off(slot) + L.R_STATE, L.make_word(L.State.CLEAN, 0, 0))
+        try:
+            os.link(f"/dev/shm{building}", f"/dev/shm{segment_name(pool)}")
+        except FileExistsError:
+            seg.close()
+            raise PoolExists(f"a segment for pool {pool!r} already exists") from None
+        finally:
+            posix_ipc.unlink_shared_memory(building)
         return seg
 
     @classmethod
@@ -260,6 +271,10 @@ class Segment:
     def set_retry_at(self, slot: int, ns: int) -> None:
         self.core.store64(self.geometry.slot_off(self.check_slot(slot)) + L.R_RETRY_AT, ns)
 
+    def set_queued(self, slot: int, ns: int) -> None:
+        """Stamp that a task for the slot's current state is in a queue."""
+        self.core.store64(self.geometry.slot_off(self.check_slot(slot)) + L.R_QUEUED, ns)
+
     def set_spawned(self, slot: int, ns: int) -> None:
         self.core.store64(self.geometry.slot_off(self.check_slot(slot)) + L.R_SPAWNED, ns)
 
@@ -352,7 +367,9 @@ def validate_header(raw: bytes, size: int, pool: str) -> L.Header:
         )
     header, crc_ok = L.Header.unpack(raw)
     if not crc_ok:
-        raise PoolCorrupt(f"header checksum of pool {pool!r} does not match: the segment is corrupt; restart its supervisor")
+        raise PoolCorrupt(
+            f"header checksum of pool {pool!r} does not match: the segment is corrupt; restart its supervisor"
+        )
     problems = []
     if header.header_size != L.HEADER_SIZE:
         problems.append(f"header_size {header.header_size}")
@@ -373,7 +390,9 @@ def validate_header(raw: bytes, size: int, pool: str) -> L.Header:
         if header.total_size != geo.total_size or header.total_size > size:
             problems.append(f"total_size {header.total_size} (mapping has {size})")
     if problems:
-        raise PoolCorrupt(f"segment of pool {pool!r} has an inconsistent header ({', '.join(problems)}); restart its supervisor")
+        raise PoolCorrupt(
+            f"segment of pool {pool!r} has an inconsistent header ({', '.join(problems)}); restart its supervisor"
+        )
     return header
 
 

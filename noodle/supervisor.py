@@ -56,7 +56,7 @@ log = logging.getLogger("noodle.supervisor")
 
 PR_SET_CHILD_SUBREAPER = 36
 TICK = 0.05  # seconds between loop passes when no signal arrives
-CHAINED_GRACE_NS = 200_000_000  # let a worker's own send land before feeding a duplicate
+SENDER_GRACE_NS = 20_000_000  # a worker or client between its CAS and its send
 RESEND_AFTER_NS = 30_000_000_000  # a dispatched task unclaimed this long was lost
 STAGE_OF = {L.State.CLEAN: "clean", L.State.PREPARE: "prepare", L.State.SPAWN: "spawn", L.State.TERMINATE: "terminate"}
 
@@ -80,7 +80,8 @@ class Supervisor:
         self.progress = progress
         self.run_dir = cfg.resolved_run_dir()
         self.kind_cls = load_kind(cfg.kind)
-        self.info = PoolInfo(cfg.name, cfg.pool_size, self.run_dir, os.getuid(), cfg.gid if cfg.gid is not None else os.getgid())
+        gid = cfg.gid if cfg.gid is not None else os.getgid()
+        self.info = PoolInfo(cfg.name, cfg.pool_size, self.run_dir, os.getuid(), gid)
         self.kind: Kind = self.kind_cls(self.info, cfg.kind_options)
         self.lock = PoolLock(self.run_dir, cfg.name)
         self.notifier = Notifier()
@@ -93,7 +94,6 @@ class Supervisor:
         self.slots: list[WorkerSlot] = []
         self.signals: list[int] = []
         self._wake_r, self._wake_w = -1, -1
-        self.dispatched: dict[int, tuple[int, int]] = {}  # slot -> (word, sent_ns)
         self.draining = False
         self.done = False
         self.fatal = ""
@@ -280,10 +280,10 @@ class Supervisor:
             self.seg.count("worker_restarts")
             self.restart_times.append(time.monotonic())
         self.put_back_slots_of(pid)
-        # tasks it had taken from the queue but not claimed are lost with it
-        for slot, (word, _) in list(self.dispatched.items()):
-            if STAGE_OF.get(L.word_state(word)) == w.stage:  # type: ignore[call-overload]
-                del self.dispatched[slot]
+        # a task it had taken from the queue but not claimed died with it
+        for slot, word in enumerate(self.seg.states()):
+            if L.word_pid(word) == 0 and STAGE_OF.get(L.word_state(word)) == w.stage:  # type: ignore[call-overload]
+                self.seg.set_queued(slot, 0)
 
     def put_back_slots_of(self, pid: int) -> None:
         """Slots a dead worker held go back: terminate to terminate (its
@@ -457,20 +457,18 @@ class Supervisor:
             stage = STAGE_OF[L.State(st)]
             if stage in full or (self.draining and stage in ("prepare", "spawn")):
                 continue
-            sent = self.dispatched.get(slot)
-            if sent is not None and sent[0] == word and now - sent[1] < RESEND_AFTER_NS:
-                continue
             rec = self.seg.record(slot)
             if rec.retry_at_ns > now:
-                continue
-            if sent is None and now - rec.entered_ns < CHAINED_GRACE_NS and rec.retry_at_ns == 0:
-                continue
+                continue  # backing off
+            if rec.queued_ns >= rec.entered_ns:
+                if now - rec.queued_ns < RESEND_AFTER_NS:
+                    continue  # its task is in the queue
+            elif now - rec.entered_ns < SENDER_GRACE_NS and not rec.retry_at_ns:
+                continue  # whoever moved it is about to send
             if queues.send_nowait(self.queues[stage], slot, L.word_gen(word)):
-                self.dispatched[slot] = (word, now)
+                self.seg.set_queued(slot, time.monotonic_ns())
             else:
                 full.add(stage)
-        if len(self.dispatched) > 2 * self.cfg.pool_size:
-            self.dispatched = {s: v for s, v in self.dispatched.items() if self.seg.core.load(s) == v[0]}
 
     # -- reporting ---------------------------------------------------------------------------
 

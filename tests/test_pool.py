@@ -68,7 +68,7 @@ def test_release_is_idempotent_and_context_manager_releases(supervisor) -> None:
     assert lease.released
     assert lease.release() is False
     with pytest.raises(noodle.LeaseReleased):
-        lease.instance  # noqa: B018
+        lease.instance
     with pytest.raises(ZeroDivisionError.__mro__[1]):  # any exception in the block still releases
         with pool.get() as lease2:
             raise ArithmeticError("boom")

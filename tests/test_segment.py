@@ -161,7 +161,7 @@ def test_fuzz_attach_mutated_valid_segment(flips) -> None:
                 s.descriptor_bytes(slot)
             except noodle.PoolCorrupt:
                 pass
-        st_, slot, gen = s.core.acquire(0)
+        st_, slot, _gen = s.core.acquire(0)
         assert st_ in (L.Status.OK, L.Status.EMPTY, L.Status.SHUTDOWN)
         if st_ == L.Status.OK:
             assert 0 <= slot < s.pool_size

@@ -15,7 +15,7 @@ from tests.test_segment import make_ready
 
 def _waiter(name: str, index: int, wfd: int, timeout_ns: int) -> None:
     seg = Segment.attach(name)
-    status, slot, _gen = seg.core.acquire(timeout_ns)
+    status, _slot, _gen = seg.core.acquire(timeout_ns)
     os.write(wfd, bytes([index, status]))
     os._exit(0)
 
@@ -32,7 +32,7 @@ def _start_waiters(seg: Segment, name: str, n: int, timeout_ns: int) -> tuple[li
         # wait until this one is queued before starting the next: arrival order
         deadline = time.monotonic() + 10
         while True:
-            head, tail, tickets, turn = seg.core.queue_info()
+            _head, _tail, tickets, turn = seg.core.queue_info()
             if (tickets - turn) & 0xFFFFFFFF == i + 1 and seg.core.head_waiter()[2]:
                 break
             assert time.monotonic() < deadline, "waiter never queued"

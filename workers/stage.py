@@ -44,6 +44,7 @@ STAGE_STATE = {
     "terminate": L.State.TERMINATE,
 }
 STAGE_STEP = {"clean": L.Step.CLEAN, "prepare": L.Step.PREPARE, "spawn": L.Step.SPAWN, "terminate": L.Step.TERMINATE}
+DONE_COUNTER = {"clean": "cleans", "prepare": "prepares", "spawn": "spawns", "terminate": "terminates"}
 PR_SET_PDEATHSIG = 1
 
 # Worker table fields, per worker: [heartbeat_ns, step_started_ns, holds_permit]
@@ -160,14 +161,14 @@ class Worker:
                     descriptor = self.kind.spawn(ctx)
                 else:
                     self.kind.terminate(ctx, self.read_descriptor(slot))
-        except BaseException as exc:  # noqa: BLE001 - a kind may raise anything; SystemExit too
+        except BaseException as exc:  # a kind may raise anything, SystemExit too
             if isinstance(exc, KeyboardInterrupt):
                 raise
             self.seg.observe(self.stage, time.monotonic_ns() - t0)
             self.fail(slot, gen, mine, exc)
             return
         self.seg.observe(self.stage, time.monotonic_ns() - t0)
-        self.seg.count({"clean": "cleans", "prepare": "prepares", "spawn": "spawns", "terminate": "terminates"}[self.stage])
+        self.seg.count(DONE_COUNTER[self.stage])
         if self.stage == "spawn":
             self.publish(slot, gen, mine, descriptor)
         elif self.stage == "clean":
@@ -228,7 +229,11 @@ class Worker:
         if not self.core.cas(slot, mine, new):
             self.seg.count("stale_messages")  # taken back by the supervisor meanwhile
             return
-        if dispatch is not None and not queues.send_nowait(self.senders[dispatch], slot, L.word_gen(new)):
+        if dispatch is None:
+            return
+        if queues.send_nowait(self.senders[dispatch], slot, L.word_gen(new)):
+            self.seg.set_queued(slot, time.monotonic_ns())
+        else:
             self.seg.count("queue_full")
 
     def fail(self, slot: int, gen: int, mine: int, exc: BaseException) -> None:

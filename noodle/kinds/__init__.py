@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib.metadata import entry_points
+from typing import Any
 
 from noodle.errors import UnknownKind
 from noodle.kinds.base import Kind, PoolInfo, SlotContext
@@ -42,6 +43,7 @@ def load_kind(name: str) -> type[Kind]:
     module_name, _, attr = targets[name].partition(":")
     import importlib
 
+    obj: Any
     try:
         obj = importlib.import_module(module_name)
     except ImportError as exc:

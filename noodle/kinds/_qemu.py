@@ -72,16 +72,29 @@ def qemu_argv(
     agent_sock: str,
     qmp_sock: str,
     console: str | None,
-    incoming: str | None = None,
+    ram_file: str | None = None,
+    ram_shared: bool = False,
+    incoming: bool = False,
 ) -> list[str]:
     """The QEMU command line. ``name`` goes into ``-name guest=...`` and is
-    how clean() recognises a slot's QEMU in /proc after a crash."""
+    how clean() recognises a slot's QEMU in /proc after a crash.
+
+    ``ram_file``: guest RAM is a mapping of this file. The template maps it
+    shared, so when it stops its RAM *is* the file and the migration stream
+    (with x-ignore-shared) carries only device state, some kilobytes.
+    Restored instances map the same file private: copy-on-write, pages
+    shared through the page cache until a guest writes them. ``incoming``
+    starts QEMU with ``-incoming defer`` (see :meth:`Qmp.restore`)."""
     accel = "kvm" if cfg.accel == "kvm" else "tcg,thread=single"
     cpu = "host" if cfg.accel == "kvm" else "max"
-    argv = [
-        cfg.qemu,
-        "-name", f"guest={name}",
-        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,pit=on,pic=on",
+    machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on,pit=on,pic=on"
+    argv = [cfg.qemu, "-name", f"guest={_opt(name)}"]
+    if ram_file is not None:
+        share = "on" if ram_shared else "off"
+        argv += ["-object", f"memory-backend-file,id=ram,size={cfg.memory_mb}M,mem-path={_opt(ram_file)},share={share}"]
+        machine += ",memory-backend=ram"
+    argv += [
+        "-M", machine,
         "-accel", accel,
         "-cpu", cpu,
         "-smp", str(cfg.cpus),
@@ -92,15 +105,22 @@ def qemu_argv(
         "-append", cfg.kernel_cmdline(),
         "-serial", f"file:{console}" if console else "null",
         "-device", "virtio-serial-device,max_ports=2",
-        "-chardev", f"socket,id=agent,path={agent_sock},server=on,wait=off",
+        "-chardev", f"socket,id=agent,path={_opt(agent_sock)},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
-        "-chardev", f"socket,id=qmp,path={qmp_sock},server=on,wait=off",
+        "-chardev", f"socket,id=qmp,path={_opt(qmp_sock)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
     ]  # fmt: skip
-    if incoming is not None:
-        # QEMU 7.2 has no file: migration URI; exec: reads the state through a pipe.
-        argv += ["-incoming", "exec:cat " + shlex.quote(incoming)]
+    if incoming:
+        argv += ["-incoming", "defer"]
     return argv
+
+
+def _opt(value: str) -> str:
+    # A comma separates QEMU option properties; a literal one is doubled.
+    return value.replace(",", ",,")
+
+
+MIGRATE_CAPS = [{"capability": "x-ignore-shared", "state": True}]
 
 
 # -- processes -----------------------------------------------------------------
@@ -325,6 +345,36 @@ class Qmp:
                 raise QmpError(f"VM still {status.get('status')!r} after {timeout} s, expected {wanted}")
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
+
+    def save(self, state_path: str, timeout: float) -> None:
+        """Stop the VM and write its device state to ``state_path`` (RAM
+        stays in the shared RAM file, see :func:`qemu_argv`)."""
+        deadline = time.monotonic() + timeout
+        self.execute("stop")
+        self.execute("migrate-set-capabilities", {"capabilities": MIGRATE_CAPS})
+        # QEMU 7.2 has no file: migration URI; exec: writes through a pipe.
+        self.execute("migrate", {"uri": "exec:cat > " + shlex.quote(state_path)})
+        delay = 0.002
+        while True:
+            status = self.execute("query-migrate")
+            if status.get("status") == "completed":
+                return
+            if status.get("status") in ("failed", "cancelled"):
+                raise QmpError(f"saving the VM state failed: {status.get('error-desc', status)}")
+            if time.monotonic() > deadline:
+                raise QmpError("saving the VM state timed out")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    def restore(self, state_path: str, timeout: float) -> None:
+        """Load a state saved by :meth:`save` into a QEMU started with
+        ``incoming=True`` and run it. The source was stopped before saving,
+        so the loaded VM comes up paused and is continued here."""
+        deadline = time.monotonic() + timeout
+        self.execute("migrate-set-capabilities", {"capabilities": MIGRATE_CAPS})
+        self.execute("migrate-incoming", {"uri": "exec:cat " + shlex.quote(state_path)})
+        if self.wait_status(("paused", "running"), max(0.1, deadline - time.monotonic())) == "paused":
+            self.execute("cont")
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

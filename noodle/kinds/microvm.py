@@ -3,9 +3,13 @@ from a snapshot of a booted template.
 
 Cold-booting the guest takes seconds under TCG (this host's /dev/kvm is a
 PVM one that stock guest kernels cannot use), restoring a saved state about
-a tenth of that. So ``setup()`` boots one template VM, waits for its agent,
-saves its state with QMP ``migrate`` into the pool's run_dir and quits it;
-every ``spawn`` starts a QEMU with ``-incoming`` from that file, then gives
+a tenth of that. So ``setup()`` boots one template VM whose RAM is a shared
+mapping of ``template.ram`` in the pool's run_dir, waits for its agent,
+stops it and saves its device state with QMP ``migrate`` (x-ignore-shared:
+the RAM is already in the file) and quits it. Every ``spawn`` starts a QEMU
+that maps ``template.ram`` privately (copy-on-write: unmodified guest pages
+are shared by all instances through the page cache) and loads the device
+state with ``migrate-incoming``, then gives
 the guest its own entropy, hostname, slot id and clock through the agent
 (all restored guests start with the same RNG state) and runs one warm-up
 command so that TCG's translation cache is hot before the lease.
@@ -31,7 +35,6 @@ import logging
 import os
 import re
 import secrets
-import shlex
 import shutil
 import time
 from collections.abc import Mapping
@@ -124,6 +127,7 @@ class MicrovmKind(Kind):
         self.initrd = opts["initrd"] or os.path.join(image_dir, "initramfs.cpio.gz")
         self.template_dir = os.path.join(pool.run_dir, "microvm")
         self.state_path = os.path.join(self.template_dir, "template.state")
+        self.ram_path = os.path.join(self.template_dir, "template.ram")
         self.meta_path = os.path.join(self.template_dir, "template.json")
         self.mode: str | None = None
         self.vm: VmConfig | None = None
@@ -188,7 +192,9 @@ class MicrovmKind(Kind):
         sdir = _socket_dir(self.template_dir)
         os.makedirs(sdir, mode=0o700, exist_ok=True)
         agent_sock, qmp_sock = os.path.join(sdir, "agent.sock"), os.path.join(sdir, "qmp.sock")
-        for path in (agent_sock, qmp_sock, self.state_path):
+        # Unlink, never rewrite: restored instances map the old RAM file
+        # privately and must keep seeing the contents they were restored from.
+        for path in (agent_sock, qmp_sock, self.state_path, self.ram_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         console = os.path.join(self.template_dir, f"console-{cfg.accel}.log")
@@ -196,7 +202,9 @@ class MicrovmKind(Kind):
         for path in (console, qemu_log):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        argv = _qemu.qemu_argv(cfg, guest_name(self.pool.name, "template"), agent_sock, qmp_sock, console)
+        argv = _qemu.qemu_argv(
+            cfg, guest_name(self.pool.name, "template"), agent_sock, qmp_sock, console, self.ram_path, ram_shared=True
+        )
         t0 = time.monotonic()
         deadline = t0 + timeout
         pid = _qemu.launch_detached(argv, qemu_log)
@@ -217,18 +225,8 @@ class MicrovmKind(Kind):
                     # Disconnect before saving: restored guests then start
                     # with the port closed and wait for their own client.
                     handle.close()
-                qmp.execute("stop")
                 tmp = self.state_path + ".tmp"
-                qmp.execute("migrate", {"uri": "exec:cat > " + shlex.quote(tmp)})
-                while True:
-                    status = qmp.execute("query-migrate")
-                    if status.get("status") == "completed":
-                        break
-                    if status.get("status") in ("failed", "cancelled"):
-                        raise StepFailed(f"saving the template failed: {status.get('error-desc', status)}")
-                    if time.monotonic() > deadline + 60:
-                        raise StepFailed("saving the template timed out")
-                    time.sleep(0.01)
+                qmp.save(tmp, timeout=60.0)
                 os.replace(tmp, self.state_path)
                 with contextlib.suppress(_qemu.QmpError):
                     qmp.execute("quit")
@@ -255,7 +253,7 @@ class MicrovmKind(Kind):
     def maintain(self) -> None:
         # The template VM only lives during setup; what must survive is its
         # saved state. Rebuild it if something removed it.
-        if self.vm is not None and not os.path.exists(self.state_path):
+        if self.vm is not None and not (os.path.exists(self.state_path) and os.path.exists(self.ram_path)):
             log.warning("microvm pool %s: template state vanished, rebuilding it", self.pool.name)
             self._build_template(self.vm, float(self.options["boot_timeout"]))
 
@@ -287,8 +285,8 @@ class MicrovmKind(Kind):
                 self.mode = str(meta["mode"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise StepFailed(f"no microvm template for pool {self.pool.name} (setup not run?): {exc}") from None
-        if not os.path.exists(self.state_path):
-            raise StepFailed(f"microvm template state {self.state_path} is missing")
+        if not os.path.exists(self.state_path) or not os.path.exists(self.ram_path):
+            raise StepFailed(f"microvm template {self.state_path} or {self.ram_path} is missing")
         return self.vm
 
     def _paths(self, slot: SlotContext) -> dict[str, str]:
@@ -336,7 +334,9 @@ class MicrovmKind(Kind):
         cfg = self._template()
         paths = self._paths(slot)
         name = guest_name(slot.pool, slot.slot)
-        argv = _qemu.qemu_argv(cfg, name, paths["agent"], paths["qmp"], paths["console"], incoming=self.state_path)
+        argv = _qemu.qemu_argv(
+            cfg, name, paths["agent"], paths["qmp"], paths["console"], self.ram_path, ram_shared=False, incoming=True
+        )
         timeout = float(self.options["restore_timeout"])
         deadline = time.monotonic() + timeout
         pid = _qemu.launch_detached(argv, paths["log"])
@@ -344,11 +344,9 @@ class MicrovmKind(Kind):
         _qemu.write_pidfile(paths["pidfile"], pid, started)
         try:
             with Qmp(paths["qmp"], timeout=timeout, pid=pid) as qmp:
-                # The template was stopped before saving, so the restored VM
-                # comes up paused: continue it. Nothing may be sent to the
-                # agent before this (a restoring guest drops serial input).
-                if qmp.wait_status(("paused", "running"), max(0.1, deadline - time.monotonic())) == "paused":
-                    qmp.execute("cont")
+                # Nothing may be sent to the agent before this returns: a
+                # restoring guest drops serial input.
+                qmp.restore(self.state_path, max(0.1, deadline - time.monotonic()))
             handle = MicrovmHandle(paths["agent"])
             try:
                 reply = handle.request(

@@ -93,8 +93,8 @@ def container_id(pool: str, slot: int) -> str:
 # -- small host helpers --------------------------------------------------------
 
 
-def proc_start_time(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of a live, non-zombie pid, else None."""
+def _proc_stat(pid: int) -> tuple[bytes, int] | None:
+    """(state letter, start time in clock ticks since boot), zombies included."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -102,9 +102,26 @@ def proc_start_time(pid: int) -> int | None:
         return None
     # comm may contain spaces and parentheses: split after the last ')'.
     fields = data[data.rfind(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):
+    return fields[0], int(fields[19])
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of a live, non-zombie pid, else None."""
+    st = _proc_stat(pid)
+    if st is None or st[0] in (b"Z", b"X"):
         return None
-    return int(fields[19])
+    return st[1]
+
+
+def _same_process(pid: object, start: object) -> list[int]:
+    """[pid] if that pid still exists, even as a zombie, and started at
+    ``start``; a zombie must still be handed to _wait_gone to be reaped."""
+    if not isinstance(pid, int) or pid <= 0:
+        return []
+    st = _proc_stat(pid)
+    if st is None or (isinstance(start, int) and st[1] != start):
+        return []
+    return [pid]
 
 
 def pid_matches(pid: int, start: int | None) -> bool:
@@ -380,7 +397,10 @@ class OciKind(Kind):
         return [*argv, *args]
 
     def _run(self, *args: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
-        preexec = _crun_private_mountns if self.runtime == "crun" and cgroup_hybrid() else None
+        preexec = None
+        if self.runtime == "crun" and cgroup_hybrid():
+            _libc()  # load before the fork: the child only calls into it
+            preexec = _crun_private_mountns
         kw.setdefault("stdout", subprocess.PIPE)
         kw.setdefault("stderr", subprocess.PIPE)
         try:
@@ -508,7 +528,10 @@ class OciKind(Kind):
         # The container inherits the runtime's stdio: a file, never a pipe we
         # would wait on, and nothing tied to the worker.
         with open(console, "ab") as out:
-            self._run("run", "--detach", f"--pid-file={pid_file}", f"--bundle={bundle}", cid, stdout=out, stderr=out)
+            argv = ("run", "--detach", f"--pid-file={pid_file}", f"--bundle={bundle}", cid)
+            proc = self._run(*argv, check=False, stdout=out, stderr=out)
+        if proc.returncode != 0:
+            raise StepFailed(f"{self.runtime} run {cid} exited {proc.returncode}: {_tail(console)}")
         try:
             with open(pid_file) as f:
                 pid = int(f.read().strip())
@@ -551,14 +574,11 @@ class OciKind(Kind):
                     f"agent in {cid} not ready after {self.options['ready_timeout']} s: {_tail(console)}"
                 )
             time.sleep(delay)
-            delay = min(delay * 2, 0.02)
+            delay = min(delay * 2, 0.005)  # the agent's readiness is the spawn latency
 
     def terminate(self, slot: SlotContext, descriptor: Mapping[str, Any]) -> None:
         cid = str(descriptor.get("id") or self.cid(slot))
-        pid = descriptor.get("pid")
-        start = descriptor.get("start")
-        alive = isinstance(pid, int) and pid_matches(pid, start if isinstance(start, int) else None)
-        self._stop(cid, [pid] if alive and isinstance(pid, int) else [])
+        self._stop(cid, _same_process(descriptor.get("pid"), descriptor.get("start")))
         if self.state_paths(cid):
             raise StepFailed(f"{self.runtime} left state for {cid}: {self.state_paths(cid)}")
 
@@ -583,10 +603,8 @@ class OciKind(Kind):
         recorded: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError), open(os.path.join(bundle, "instance.json")) as f:
             recorded = json.load(f)
-        pids: list[int] = []
-        rpid, rstart = recorded.get("pid"), recorded.get("start")
-        if isinstance(rpid, int) and isinstance(rstart, int) and pid_matches(rpid, rstart):
-            pids.append(rpid)
+        rstart = recorded.get("start")
+        pids = _same_process(recorded.get("pid"), rstart) if isinstance(rstart, int) else []
 
         self._stop(cid, pids)
 
@@ -594,7 +612,7 @@ class OciKind(Kind):
         # runtime killed mid-command, cgroups=false): kill by cgroup and by
         # the recorded pid, then remove the cgroups.
         dirs = candidate_cgroup_dirs(cid, [str(p) for p in recorded.get("cgroups", []) if str(p).endswith(cid)])
-        stray = {p for d in dirs for p in _cgroup_procs(d)} | {p for p in pids if pid_matches(p, rstart)}
+        stray = {p for d in dirs for p in _cgroup_procs(d)} | set(pids)
         for p in stray:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)

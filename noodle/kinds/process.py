@@ -171,9 +171,9 @@ def _zygote_request(path: str, req: dict[str, Any], timeout: float) -> dict[str,
             sock.settimeout(timeout)
             sock.connect(path)
             with sock.makefile("wb") as w:
-                agent.write_frame(w, req)  # type: ignore[arg-type]
+                agent.write_frame(w, req)
             with sock.makefile("rb") as r:
-                reply = agent.read_frame(r)  # type: ignore[arg-type]
+                reply = agent.read_frame(r)
     except (OSError, agent.ProtocolError) as exc:
         raise StepFailed(f"zygote at {path} unreachable: {exc}") from None
     if not reply or not reply.get("ok"):

@@ -62,11 +62,11 @@ def _become_instance(req: dict[str, Any], listener: socket.socket) -> None:
 
 def _serve_one(conn: socket.socket) -> None:
     with conn, conn.makefile("rb") as rfile, conn.makefile("wb") as wfile:
-        req = agent.read_frame(rfile)  # type: ignore[arg-type]
+        req = agent.read_frame(rfile)
         if req is None:
             return
         if req.get("op") == "ping":
-            agent.write_frame(wfile, {"ok": True, "pid": os.getpid()})  # type: ignore[arg-type]
+            agent.write_frame(wfile, {"ok": True, "pid": os.getpid()})
             return
         sock_path = str(req["socket"])
         listener = agent.listen_unix(sock_path)
@@ -83,7 +83,7 @@ def _serve_one(conn: socket.socket) -> None:
                 code = 1
             os._exit(code)
         listener.close()
-        agent.write_frame(wfile, {"ok": True, "pid": pid, "start": start_time(pid)})  # type: ignore[arg-type]
+        agent.write_frame(wfile, {"ok": True, "pid": pid, "start": start_time(pid)})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,7 +145,7 @@ def test_failing_step_raises_with_stderr_tail(kinds: Kinds) -> None:
 def test_step_timeout_kills_the_step_group(kinds: Kinds, tmp_path: Any) -> None:
     pidfile = tmp_path / "child.pid"
     kind = kinds.kind(spawn=f"sleep 300 & echo $! > {pidfile}; wait", spawn_timeout=0.5)
-    with pytest.raises(StepFailed, match="timed out"):
+    with pytest.raises(StepFailed, match=r"timed out"):
         kind.spawn(kind.pool.slot(0))
     child = int(pidfile.read_text())
     kinds.pids.append(child)
@@ -154,7 +154,7 @@ def test_step_timeout_kills_the_step_group(kinds: Kinds, tmp_path: Any) -> None:
 @pytest.mark.timeout(60)
 def test_oneshot_without_json_fails(kinds: Kinds) -> None:
     kind = kinds.kind(spawn="echo not json")
-    with pytest.raises(StepFailed, match="no JSON object"):
+    with pytest.raises(StepFailed, match=r"no JSON object"):
         kind.spawn(kind.pool.slot(0))
 
 
@@ -173,12 +173,12 @@ def test_process_mode_ready_line_and_early_exit(kinds: Kinds) -> None:
     kind.terminate(slot, desc)
 
     dying = kinds.kind(spawn_mode="process", spawn="echo 'no luck' >&2; exit 1")
-    with pytest.raises(StepFailed, match="exited before it was ready.*no luck"):
+    with pytest.raises(StepFailed, match=r"exited before it was ready.*no luck"):
         dying.spawn(dying.pool.slot(0))
 
     silent = kinds.kind(spawn_mode="process", spawn="exec sleep 300", spawn_timeout=0.3, kill_grace=0.5)
     s = silent.pool.slot(0)
-    with pytest.raises(StepFailed, match="no ready line"):
+    with pytest.raises(StepFailed, match=r"no ready line"):
         silent.spawn(s)
     with open(os.path.join(s.dir, "spawn.pid")) as f:
         kinds.pids.append(int(f.read().split()[0]))
@@ -196,18 +196,18 @@ def test_exec_handle(kinds: Kinds) -> None:
 
 def test_config_errors_name_the_key(tmp_path: Any) -> None:
     pool = PoolInfo("tcfg", 1, str(tmp_path), 0, 0)
-    with pytest.raises(ConfigError, match="kinds.command.spawn"):
+    with pytest.raises(ConfigError, match=r"kinds.command.spawn"):
         CommandKind(pool, {})
-    with pytest.raises(ConfigError, match="kinds.command.prepare: unknown field"):
+    with pytest.raises(ConfigError, match=r"kinds.command.prepare: unknown field"):
         CommandKind(pool, {"spawn": "true", "prepare": "echo {pid}"})
-    with pytest.raises(ConfigError, match="kinds.command.spawn_mode"):
+    with pytest.raises(ConfigError, match=r"kinds.command.spawn_mode"):
         CommandKind(pool, {"spawn": "true", "spawn_mode": "daemon"})
-    with pytest.raises(ConfigError, match="kinds.command.timeout"):
+    with pytest.raises(ConfigError, match=r"kinds.command.timeout"):
         CommandKind(pool, {"spawn": "true", "timeout": "soon"})
 
 
 @pytest.mark.timeout(60)
 def test_descriptor_too_large(kinds: Kinds) -> None:
     kind = kinds.kind(spawn=f"{PY} -c 'import json; print(json.dumps({{{{\"x\": \"a\" * 2000}}}}))'")
-    with pytest.raises(StepFailed, match="descriptor_max"):
+    with pytest.raises(StepFailed, match=r"descriptor_max"):
         kind.spawn(kind.pool.slot(0))

@@ -363,7 +363,7 @@ def test_spawn_failure_leaves_nothing(jails: Jails) -> None:
     kind = jails.kind(python="/bin/false", ready_timeout=5.0)
     slot = kind.pool.slot(0)
     kind.prepare(slot)
-    with pytest.raises(Exception, match="exited before it was ready|not ready"):
+    with pytest.raises(Exception, match=r"exited before it was ready|not ready"):
         kind.spawn(slot)
     cg = kind.slot_cgroup(0)
     assert cg is not None and cg.procs() == set()
@@ -371,13 +371,13 @@ def test_spawn_failure_leaves_nothing(jails: Jails) -> None:
 
 def test_bad_options_name_the_key(tmp_path: Any) -> None:
     pool = PoolInfo("tbad", 1, str(tmp_path), 0, 0)
-    with pytest.raises(ConfigError, match="kinds.jail.backend"):
+    with pytest.raises(ConfigError, match=r"kinds.jail.backend"):
         JailKind(pool, {"backend": "docker"})
-    with pytest.raises(ConfigError, match="kinds.jail.memory_limit"):
+    with pytest.raises(ConfigError, match=r"kinds.jail.memory_limit"):
         JailKind(pool, {"memory_limit": "1G"})
-    with pytest.raises(ConfigError, match="kinds.jail.nope"):
+    with pytest.raises(ConfigError, match=r"kinds.jail.nope"):
         JailKind(pool, {"nope": 1})
-    with pytest.raises(ConfigError, match="uid_base"):
+    with pytest.raises(ConfigError, match=r"uid_base"):
         JailKind(pool, {"uid_base": 0})
 
 

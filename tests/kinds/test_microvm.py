@@ -116,7 +116,7 @@ def vmpool(template: Template) -> Iterator[Pool]:
     name = f"mv{os.getpid()}{secrets.token_hex(3)}"
     run_dir = tempfile.mkdtemp(prefix="nmv", dir="/tmp")
     os.makedirs(os.path.join(run_dir, "microvm"))
-    for fname in ("template.state", "template.json"):
+    for fname in ("template.state", "template.ram", "template.json"):
         os.link(os.path.join(template.kind.template_dir, fname), os.path.join(run_dir, "microvm", fname))
     info = PoolInfo(name, 4, run_dir, os.getuid(), os.getgid())
     kind = MicrovmKind(info, {})
@@ -156,6 +156,17 @@ def test_options_are_validated(tmp_path: Any) -> None:
         MicrovmKind(info, {"warmup": [1, 2]})
 
 
+def test_long_run_dirs_get_short_socket_dirs() -> None:
+    from noodle.kinds.microvm import _socket_dir
+
+    short = "/tmp/x/slots/0"
+    assert _socket_dir(short) == short
+    long = "/tmp/" + "d" * 120 + "/slots/0"
+    got = _socket_dir(long)
+    assert got == _socket_dir(long) != _socket_dir(long + "1")
+    assert len(os.path.join(got, "agent.sock")) <= _qemu.MAX_SOCKET_PATH
+
+
 def test_missing_kernel_is_kind_unavailable(tmp_path: Any) -> None:
     info = PoolInfo(f"nok{secrets.token_hex(2)}", 1, str(tmp_path), 0, 0)
     kind = MicrovmKind(info, {"kernel": str(tmp_path / "no-such-vmlinux")})
@@ -179,7 +190,8 @@ def test_qemu_runs_on_this_machine(template: Template) -> None:
     with open(template.kind.meta_path) as f:
         meta = json.load(f)
     assert meta["mode"] == template.kind.mode
-    assert os.path.getsize(template.kind.state_path) > 1 << 20
+    assert os.path.getsize(template.kind.state_path) > 0
+    assert os.path.getsize(template.kind.ram_path) == template.kind.options["memory_mb"] << 20
     # setup() probes KVM for real; this host's /dev/kvm is a PVM one that
     # stock kernels cannot use, so TCG is the expected outcome here.
     assert not template.kind.helper_pids(), "the template VM must not outlive setup()"

@@ -428,6 +428,36 @@ def test_crash_recovery_bundle_already_gone(env: Env, runtime: str) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_crash_recovery_between_create_and_start(env: Env, runtime: str) -> None:
+    """A worker that died after `create` and before `start`: the container
+    exists (runsc: sandbox and gofer running), its agent never ran."""
+    kind = env.kind(runtime)
+    slot = env.slot(kind)
+    kind.clean(slot)
+    kind.prepare(slot)
+    cid = container_id(env.name, 0)
+    with open(os.path.join(kind.bundle(slot), "console.log"), "ab") as out:
+        kind._run("create", f"--bundle={kind.bundle(slot)}", cid, stdout=out, stderr=out)
+    assert kind.state_paths(cid)
+    OciKind(kind.pool, {"runtime": runtime}).clean(slot)
+    assert env.leftovers() == []
+
+
+@pytest.mark.timeout(120)
+def test_cgroups_off_runs_and_cleans(env: Env, runtime: str) -> None:
+    """cgroups = false (limits not enforced, warned at setup): the runtime
+    still makes its default cgroups, and clean still finds them all."""
+    kind, slot, desc = _spawn(env, runtime, cgroups=False)
+    handle = OciKind.client_handle(desc)
+    try:
+        assert handle.run("1+1").result == 2
+    finally:
+        handle.close()
+    kind.clean(slot)
+    assert env.leftovers() == []
+
+
+@pytest.mark.timeout(120)
 def test_clean_of_a_never_used_slot(env: Env, runtime: str) -> None:
     kind = env.kind(runtime)
     slot = env.slot(kind, 1)
