@@ -647,6 +647,44 @@ static PyObject *core_skip_waiter(Core *self, PyObject *arg) {
     Py_RETURN_TRUE;
 }
 
+/* ring_anomalies() -> (head, tail, bad): cells whose seq fits neither "full"
+   (inside [head, tail)) nor "free" for their position. Concurrent operations
+   show as a few transient mismatches; the caller acts only on a count that
+   persists while head and tail stand still. */
+static PyObject *core_ring_anomalies(Core *self, PyObject *unused) {
+    (void)unused;
+    CHECK_OPEN(self);
+    uint64_t head = __atomic_load_n(U64(self, H_HEAD), __ATOMIC_ACQUIRE);
+    uint64_t tail = __atomic_load_n(U64(self, H_TAIL), __ATOMIC_ACQUIRE);
+    uint64_t bad = 0;
+    int64_t span = (int64_t)(tail - head);
+    if (span < -(int64_t)self->ring_cap || span > (int64_t)self->ring_cap) {
+        bad = self->ring_cap;
+    } else {
+        for (uint64_t k = 0; k < self->ring_cap; k++) {
+            uint64_t pos = head + k;
+            uint64_t w = __atomic_load_n(ring_cell(self, pos), __ATOMIC_ACQUIRE);
+            int64_t full = seq_diff(C_SEQ(w), pos + 1), free_ = seq_diff(C_SEQ(w), pos);
+            if (full != 0 && free_ != 0) bad++;
+            else if (full == 0 && C_VAL(w) >= self->pool_size) bad++;
+        }
+    }
+    return Py_BuildValue("(KKK)", (unsigned long long)head, (unsigned long long)tail, (unsigned long long)bad);
+}
+
+/* reset_waiters(): after corruption of the ticket words, serve nobody's
+   stale ticket: turn = tickets, every waiter woken (it re-queues). */
+static PyObject *core_reset_waiters(Core *self, PyObject *unused) {
+    (void)unused;
+    CHECK_OPEN(self);
+    uint32_t tk = __atomic_load_n(U32(self, H_TICKETS), __ATOMIC_SEQ_CST);
+    __atomic_store_n(U32(self, H_TURN), tk, __ATOMIC_SEQ_CST);
+    __atomic_store_n(U32(self, H_OVERFLOW), 0, __ATOMIC_SEQ_CST);
+    for (uint32_t i = 0; i < self->wait_cells; i++) wake_cell(self, i);
+    futex_wake(U32(self, H_TURN), INT_MAX);
+    Py_RETURN_NONE;
+}
+
 /* shutdown(): set the flag and wake every waiter */
 static PyObject *core_shutdown(Core *self, PyObject *unused) {
     (void)unused;
@@ -725,6 +763,8 @@ static PyMethodDef core_methods[] = {
     {"head_waiter", (PyCFunction)core_head_waiter, METH_NOARGS, "None or (ticket, pid, registered)"},
     {"skip_waiter", (PyCFunction)core_skip_waiter, METH_O, "skip_waiter(ticket) -> bool"},
     {"shutdown", (PyCFunction)core_shutdown, METH_NOARGS, "Set the shutdown flag, wake all waiters."},
+    {"ring_anomalies", (PyCFunction)core_ring_anomalies, METH_NOARGS, "(head, tail, inconsistent cells)"},
+    {"reset_waiters", (PyCFunction)core_reset_waiters, METH_NOARGS, "turn = tickets; wake every waiter"},
     {"count", (PyCFunction)core_count, METH_VARARGS, "count(counter, n=1)"},
     {"observe", (PyCFunction)core_observe, METH_VARARGS, "observe(histogram, ns)"},
     {"load64", (PyCFunction)core_load64, METH_O, "load64(offset) -> int"},

@@ -40,6 +40,9 @@ from noodle.segment import Segment
 log = logging.getLogger("noodle.client")
 
 _UNSET: Any = object()
+# getpid() is a syscall (glibc stopped caching it); Lease() needs it per get
+_PID = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 HEARTBEAT_STALE = 2.0  # seconds
 
 
@@ -67,7 +70,7 @@ class Lease:
         self.descriptor = descriptor
         self._instance: Any = _UNSET
         self._released = False
-        self._owner_pid = os.getpid()
+        self._owner_pid = _PID[0]
 
     def __repr__(self) -> str:
         state = "released" if self._released else "held"
@@ -107,7 +110,7 @@ class Lease:
     def __del__(self) -> None:
         # a dropped lease is a bug in the caller, but it must not leak the
         # instance until the holder exits; only the holder itself may release
-        if not getattr(self, "_released", True) and self._owner_pid == os.getpid():
+        if not getattr(self, "_released", True) and self._owner_pid == _PID[0]:
             warnings.warn(f"{self!r} was never released; releasing it now", ResourceWarning, stacklevel=1)
             with contextlib.suppress(Exception):
                 self.release()
@@ -129,6 +132,7 @@ class Pool:
                 log.warning("kind %r is not installed here: leases carry descriptors only", self.kind_name)
                 self._kind = None
             self._terminate_q = queues.open_queue(name, "terminate")
+            self._default_timeout, self._default_health = self._seg.policy()
         except BaseException:
             self._seg.close()
             raise
@@ -164,10 +168,9 @@ class Pool:
         health check runs first; an unhealthy instance is released for
         termination and the next one is tried."""
         seg = self._live_seg()
-        default_timeout, default_health = seg.policy()
         if timeout is _UNSET:
-            timeout = default_timeout
-        check = default_health if health is None else health
+            timeout = self._default_timeout
+        check = self._default_health if health is None else health
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         if seg.heartbeat_age() > HEARTBEAT_STALE:
             # the supervisor beats every tick; silence means stopped or dead,
@@ -190,7 +193,10 @@ class Pool:
                 continue
             if check and self._kind is not None:
                 budget = 2.0 if deadline is None else max(0.05, min(2.0, deadline - time.monotonic()))
-                if not self._kind.client_health(lease.descriptor, budget):
+                t0 = time.monotonic_ns()
+                healthy = self._kind.client_health(lease.descriptor, budget)
+                seg.observe("health", time.monotonic_ns() - t0)
+                if not healthy:
                     seg.count("unhealthy_on_get")
                     log.warning("slot %d gen %d failed its health check on get; replacing it", slot, gen)
                     lease.release()

@@ -181,12 +181,13 @@ COUNTERS = [
     "ring_repushes",
     "waiters_skipped",
     "queue_full",
-    "released_after_reclaim",
+    "corruption_repairs",
 ]
 N_COUNTERS = 64
 C = {name: i for i, name in enumerate(COUNTERS)}
 
-HISTOGRAMS = ["acquire", "wait", "clean", "prepare", "spawn", "terminate", "health", "refill"]
+# dispatch: from a task being queued to a worker claiming it
+HISTOGRAMS = ["acquire", "wait", "clean", "prepare", "spawn", "terminate", "health", "dispatch"]
 N_HISTOGRAMS = 16
 H = {name: i for i, name in enumerate(HISTOGRAMS)}
 

@@ -79,6 +79,7 @@ class SlotRecord:
 
 
 _REC = struct.Struct("<QQIIQQQIIQ")
+_U32 = struct.Struct("<I")
 
 
 class Segment:
@@ -93,6 +94,10 @@ class Segment:
         self.core = Core(mm, *self.geometry.core_args())
         self.pool_size = header.pool_size
         self._closed = False
+        # plain ints: the client's get() path reads these on every call
+        self._slots_off = self.geometry.slots_off
+        self._slot_size = self.geometry.slot_size
+        self._desc_cap = self.geometry.descriptor_cap
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -106,6 +111,8 @@ class Segment:
         wait_cells: int = L.DEFAULT_WAIT_CELLS,
         mode: int = 0o600,
         gid: int | None = None,
+        get_timeout: float = 5.0,
+        health_on_get: bool = False,
     ) -> Segment:
         validate_name(pool)
         if not isinstance(pool_size, int) or isinstance(pool_size, bool) or not 1 <= pool_size <= L.MAX_POOL_SIZE:
@@ -144,6 +151,7 @@ class Segment:
         seg.core.init_ring()
         for slot in range(pool_size):
             seg.core.store64(geo.slot_off(slot) + L.R_STATE, L.make_word(L.State.CLEAN, 0, 0))
+        seg.set_policy(get_timeout, health_on_get)  # before anyone can attach: clients cache it
         try:
             os.link(f"/dev/shm{building}", f"/dev/shm{segment_name(pool)}")
         except FileExistsError:
@@ -256,40 +264,44 @@ class Segment:
             raise SlotOutOfRange(f"slot {slot!r} is not in 0..{self.pool_size - 1}")
         return slot
 
+    def _slot_base(self, slot: int) -> int:
+        if not isinstance(slot, int) or not 0 <= slot < self.pool_size:
+            raise SlotOutOfRange(f"slot {slot!r} is not in 0..{self.pool_size - 1}")
+        return self._slots_off + slot * self._slot_size
+
     def record(self, slot: int) -> SlotRecord:
-        off = self.geometry.slot_off(self.check_slot(slot))
+        off = self._slot_base(slot)
         f = _REC.unpack_from(self._mm, off)
         return SlotRecord(slot, f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[8], f[9])
 
     def set_field(self, slot: int, field: int, fmt: str, value: int) -> None:
-        struct.pack_into(fmt, self._mm, self.geometry.slot_off(self.check_slot(slot)) + field, value)
+        struct.pack_into(fmt, self._mm, self._slot_base(slot) + field, value)
 
     def set_failures(self, slot: int, n: int, step: L.Step = L.Step.NONE) -> None:
         self.set_field(slot, L.R_FAILURES, "<I", n)
         self.set_field(slot, L.R_LAST_FAILED, "<I", int(step))
 
     def set_retry_at(self, slot: int, ns: int) -> None:
-        self.core.store64(self.geometry.slot_off(self.check_slot(slot)) + L.R_RETRY_AT, ns)
+        self.core.store64(self._slot_base(slot) + L.R_RETRY_AT, ns)
 
     def set_queued(self, slot: int, ns: int) -> None:
         """Stamp that a task for the slot's current state is in a queue."""
-        self.core.store64(self.geometry.slot_off(self.check_slot(slot)) + L.R_QUEUED, ns)
+        self.core.store64(self._slot_base(slot) + L.R_QUEUED, ns)
 
     def set_spawned(self, slot: int, ns: int) -> None:
-        self.core.store64(self.geometry.slot_off(self.check_slot(slot)) + L.R_SPAWNED, ns)
+        self.core.store64(self._slot_base(slot) + L.R_SPAWNED, ns)
 
     def descriptor_bytes(self, slot: int) -> bytes:
-        off = self.geometry.slot_off(self.check_slot(slot))
-        (n,) = struct.unpack_from("<I", self._mm, off + L.R_DESC_LEN)
-        if n > self.geometry.descriptor_cap:
+        off = self._slot_base(slot)
+        (n,) = _U32.unpack_from(self._mm, off + L.R_DESC_LEN)
+        if n > self._desc_cap:
             raise PoolCorrupt(f"slot {slot}: descriptor length {n} exceeds its area; the segment is corrupt")
-        return bytes(self._mm[off + L.R_DESCRIPTOR : off + L.R_DESCRIPTOR + n])
+        start = off + L.R_DESCRIPTOR
+        return self._mm[start : start + n]
 
     def publish(self, slot: int, expected_word: int, descriptor: bytes) -> L.Status:
-        if len(descriptor) > self.geometry.descriptor_cap:
-            raise DescriptorTooLarge(
-                f"descriptor of {len(descriptor)} bytes exceeds descriptor_size {self.geometry.descriptor_cap}"
-            )
+        if len(descriptor) > self._desc_cap:
+            raise DescriptorTooLarge(f"descriptor of {len(descriptor)} bytes exceeds descriptor_size {self._desc_cap}")
         return L.Status(self.core.publish(slot, expected_word, descriptor))
 
     def states(self) -> list[int]:

@@ -44,6 +44,7 @@ from noodle import queues
 from noodle.config import Config
 from noodle.errors import NoodleError
 from noodle.healthcheck import run_cycle
+from noodle.integrity import IntegrityChecker
 from noodle.kinds import Kind, PoolInfo, load_kind
 from noodle.procs import descendants_of, is_alive, start_time
 from noodle.recovery import PoolLock, read_descriptor, recover_stale
@@ -125,9 +126,10 @@ class Supervisor:
         if cfg.check_health:
             timings = run_cycle(self.kind, cfg.pool_size, cfg.step_timeout)
             log.info("check_health passed: %s", ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items()))
-        self.seg = Segment.create(cfg.name, cfg.pool_size, cfg.kind, cfg.descriptor_size, mode=cfg.mode, gid=cfg.gid)
-        self.seg.set_policy(cfg.get_timeout, cfg.health_on_get)
+        self.seg = Segment.create(cfg.name, cfg.pool_size, cfg.kind, cfg.descriptor_size, mode=cfg.mode, gid=cfg.gid,
+                                  get_timeout=cfg.get_timeout, health_on_get=cfg.health_on_get)  # fmt: skip
         self.seg.heartbeat()
+        self.integrity = IntegrityChecker(self.seg, max(cfg.abandon_cooldown, 0.1 * cfg.max_failures**2))
         self.queues = queues.create_all(cfg.name, mode=cfg.mode, gid=cfg.gid)
         n_workers = sum(cfg.workers.values())
         self.table = self.mp.RawArray("Q", FIELDS_PER_WORKER * n_workers)
@@ -171,6 +173,7 @@ class Supervisor:
                 self.reap()
                 self.murder_stuck_workers()
                 self.top_up_workers()
+                self.check_integrity()
                 self.reclaim_dead_leases()
                 if self.draining:
                     self.drain()
@@ -359,6 +362,13 @@ class Supervisor:
         self.workers[proc.pid] = w
 
     # -- slot housekeeping ----------------------------------------------------------------
+
+    def check_integrity(self) -> None:
+        assert self.seg is not None
+        if self.every("integrity", 1.0):
+            phase = L.Phase.DRAINING if self.draining else L.Phase.RUNNING
+            if self.integrity.check(self.draining, phase):
+                self.seg.count("corruption_repairs")
 
     def reclaim_dead_leases(self) -> None:
         """A lease whose holder died (or whose pid now belongs to another

@@ -80,6 +80,15 @@ def assert_nothing_left(name: str, wait: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", help="run the chaos suite's long soak (many more rounds)")
+
+
+@pytest.fixture
+def soak(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--soak"))
+
+
 @pytest.fixture
 def pool_name(request: pytest.FixtureRequest) -> Iterator[str]:
     name = f"t{os.getpid()}x{next(_counter)}"

@@ -30,6 +30,7 @@ class MisbehavingKind(ProcessKind):
         "kill_self_once_file": (str, ""),  # ... once, when this file exists (removed first)
         "random_failure_rate": ((int, float), 0.0),
         "random_hang_rate": ((int, float), 0.0),
+        "step_delay": ((int, float), 0.0),  # every step sleeps this long (so kills land inside steps)
     }
 
     def _counter(self, slot: SlotContext, name: str) -> int:
@@ -41,6 +42,8 @@ class MisbehavingKind(ProcessKind):
 
     def _misbehave(self, step: str, slot: SlotContext) -> None:
         o = self.options
+        if o["step_delay"]:
+            time.sleep(o["step_delay"])
         if o["kill_self_step"] == step and o["kill_self_once_file"]:
             try:
                 os.unlink(o["kill_self_once_file"])

@@ -126,6 +126,8 @@ class Worker:
         if not self.core.cas(slot, idle, mine):
             self.seg.count("stale_messages")
             return
+        if rec.queued_ns:
+            self.seg.observe("dispatch", time.monotonic_ns() - rec.queued_ns)
         self._set(STEP_STARTED, time.monotonic_ns())
         try:
             self.with_permit(lambda: self.step(slot, gen, mine))
@@ -290,8 +292,14 @@ def worker_main(ctx: WorkerContext) -> None:
     from workers import WORKER_BOOT_ERROR
 
     setproctitle(f"noodle {ctx.stage}-worker {ctx.cfg.name} {ctx.number}")
+    # Die at once with the supervisor. Finishing the step would write into a
+    # segment its successor is about to sweep and replace, and could leave an
+    # instance recorded nowhere; cut short, the slot's own leftovers (pidfile,
+    # cgroup, slot dir) are what the successor's clean removes.
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != ctx.supervisor_pid:
+        os._exit(1)  # it died before the prctl took effect
     # Ctrl-C reaches the whole process group; the supervisor decides
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     holder: list[Worker] = []

@@ -212,3 +212,98 @@ def pid_start_time(pid: int) -> int | None:
 
 def same_process(pid: int, start: int | None) -> bool:
     return pid > 0 and start is not None and pid_start_time(pid) == start
+
+
+def _scan_procs() -> dict[int, tuple[int, int, int | None]]:
+    """Every process on the host: pid -> (ppid, pgid, start time or None
+    for a zombie)."""
+    out: dict[int, tuple[int, int, int | None]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        rest = data[data.rfind(b")") + 2 :].split()
+        if len(rest) < 20:
+            continue
+        start = None if rest[0] in (b"Z", b"X") else int(rest[19])
+        out[int(name)] = (int(rest[1]), int(rest[2]), start)
+    return out
+
+
+def kill_process_tree(pid: int, start: int | None, grace: float = 0.0, timeout: float = 10.0) -> None:
+    """Kill the instance ``pid`` started at ``start`` with everything it
+    runs, and wait until all of it is gone (a zombie counts as gone: the
+    subreaper collects it).
+
+    "Everything" is the process group ``pid`` leads (the launchers call
+    setsid in the process they exec) and every descendant of a process
+    already found, so that children which left the group (setsid) go too
+    while they are still below the instance. The group is killed even when
+    its leader has already died, unless ``pid`` now names another live
+    process: a pid cannot be reused while a group of that id has members,
+    so a dead leader's group holds only the instance's stragglers.
+
+    With ``grace`` > 0, SIGTERM first and SIGKILL after ``grace`` seconds
+    (stragglers get SIGKILL as soon as the leader is gone); StepFailed when
+    something survives SIGKILL for ``timeout`` seconds.
+    """
+    if pid <= 0:
+        return
+    current = pid_start_time(pid)
+    if current is not None and current != start:
+        return  # pid reused by another process (or start unknown): not ours
+    tracked: dict[int, int] = {pid: current} if current is not None else {}
+
+    def live() -> dict[int, int]:
+        procs = _scan_procs()
+        leader = procs.get(pid)
+        if leader is None or leader[2] is None or leader[2] == start:  # the pid is not reused
+            for p, (_ppid, pgid, s) in procs.items():
+                if pgid == pid and s is not None:
+                    tracked.setdefault(p, s)
+        grown = True
+        while grown:  # descendants of anything tracked and still the same process
+            grown = False
+            for p, (ppid, _pgid, s) in procs.items():
+                if s is None or p in tracked or ppid not in tracked:
+                    continue
+                parent = procs.get(ppid)
+                if parent is not None and parent[2] == tracked[ppid]:
+                    tracked[p] = s
+                    grown = True
+        return {p: s for p, s in tracked.items() if (info := procs.get(p)) is not None and info[2] == s}
+
+    def signal_all(procs: dict[int, int], sig: int) -> None:
+        leader = pid_start_time(pid)
+        if leader is None or leader == start:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, sig)
+        for p, s in procs.items():
+            if pid_start_time(p) == s:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(p, sig)
+
+    phases = ([(signal.SIGTERM, grace)] if grace > 0 else []) + [(signal.SIGKILL, timeout)]
+    procs = live()
+    for sig, wait in phases:
+        if not procs:
+            return
+        signal_all(procs, sig)
+        deadline = time.monotonic() + wait
+        delay = 0.0005
+        while True:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+            procs = live()
+            if not procs:
+                return
+            if time.monotonic() > deadline:
+                break
+            if sig == signal.SIGKILL or pid not in procs:
+                # new children forked meanwhile; after the leader, stragglers go at once
+                signal_all(procs, signal.SIGKILL)
+    raise StepFailed(f"processes {sorted(procs)} of instance {pid} survived SIGKILL for {timeout} s")

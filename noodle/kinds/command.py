@@ -12,18 +12,30 @@ values in its environment (``NOODLE_SLOT``, ``NOODLE_DIR``, ``NOODLE_POOL``,
 ``NOODLE_RUN_DIR``, ``NOODLE_AGENT`` = the agent file, and for health and
 terminate ``NOODLE_DESCRIPTOR`` as JSON), which is easier in scripts.
 
+Every step runs with its working directory set to ``base_dir``: by default
+the directory ``noodle run`` was started in, and a relative ``base_dir`` is
+resolved against that directory too. So a relative script path in a
+template means the same thing in every step (never the slot dir, which is
+``{dir}`` / ``$NOODLE_DIR``); under systemd, whose working directory is
+``/``, set an absolute ``base_dir`` or use absolute paths.
+
 ``spawn_mode``:
 
 * ``"oneshot"``: spawn prints the descriptor, a JSON object, on stdout
   (the last line that parses is used) and exits 0. Whatever it starts must
   not keep stdout open (redirect it), or the step waits for its timeout.
-* ``"process"``: the spawn command keeps running as the instance, in its own
-  session, with stdout and stderr appended to ``{dir}/spawn.log``; it is
-  ready when it writes a line equal to ``ready_line`` or a JSON object line
-  (merged into the descriptor, e.g. ``{"socket": "..."}``). The descriptor
-  gets its ``pid`` and start time; terminate without a template kills its
-  process group (TERM, then KILL after ``kill_grace``), and clean does the
-  same through ``{dir}/spawn.pid`` when no descriptor survived a crash.
+* ``"process"``: the spawn command keeps running as the instance, as the
+  leader of its own session and process group, with stdout and stderr
+  appended to ``{dir}/spawn.log``; it is ready when it writes a line equal
+  to ``ready_line`` or a JSON object line (merged into the descriptor, e.g.
+  ``{"socket": "..."}``). The descriptor gets its ``pid`` and start time;
+  terminate without a template kills its process group and every
+  descendant still below it (TERM, then KILL after ``kill_grace``;
+  stragglers even when the shell itself already exited), and clean does
+  the same through ``{dir}/spawn.pid`` when no descriptor survived a
+  crash. A child that leaves the process group (setsid, setpgid) and whose
+  parent exits before terminate escapes this: put the instance in a pid
+  namespace (bwrap) or use the jail kind if it may.
 
 A step that exits non-zero or outlives its timeout (``timeout``, or
 ``spawn_timeout`` for spawn) raises StepFailed with the tail of its stderr;
@@ -53,7 +65,7 @@ from typing import Any, ClassVar
 
 from noodle.errors import ConfigError, StepFailed
 from noodle.handle import AgentHandle, ExecResult
-from noodle.kinds._cgroup import pid_start_time, same_process
+from noodle.kinds._cgroup import kill_process_tree, pid_start_time, same_process
 from noodle.kinds.base import Kind, PoolInfo, SlotContext
 
 _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,6 +115,10 @@ class CommandKind(Kind):
         "env": (dict, {}),
         "descriptor_max": (int, 1024),
         "remove_dir": (bool, True),
+        # The working directory of every step, so relative paths in the
+        # templates resolve against it; relative itself: against the
+        # directory ``noodle run`` was started in (the default).
+        "base_dir": (str, None),
     }
 
     def __init__(self, pool: PoolInfo, options: Mapping[str, Any]) -> None:
@@ -129,6 +145,12 @@ class CommandKind(Kind):
         for k, v in o["env"].items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise ConfigError(f"kinds.command.env: expected string keys and values, got {k!r}={v!r}")
+        try:
+            self.base_dir = os.path.abspath(os.path.expanduser(o["base_dir"] or "."))
+        except OSError as exc:  # the working directory was removed
+            raise ConfigError(f"kinds.command.base_dir: cannot resolve {o['base_dir'] or '.'!r}: {exc}") from None
+        if not os.path.isdir(self.base_dir):
+            raise ConfigError(f"kinds.command.base_dir: {self.base_dir} is not a directory")
 
     # -- running steps -----------------------------------------------------------
 
@@ -172,7 +194,7 @@ class CommandKind(Kind):
             stderr=subprocess.PIPE,
             env=self._env(slot, descriptor),
             start_new_session=True,  # so a timeout kills the step's children too
-            cwd=slot.dir if os.path.isdir(slot.dir) else None,
+            cwd=self.base_dir,
         )
         try:
             out, err = proc.communicate(timeout=limit)
@@ -236,7 +258,7 @@ class CommandKind(Kind):
         log_path = os.path.join(slot.dir, "spawn.log")
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         try:
-            pid = _detach([self.options["shell"], "-c", cmd], self._env(slot), log_fd, slot.dir)
+            pid = _detach([self.options["shell"], "-c", cmd], self._env(slot), log_fd, self.base_dir)
         finally:
             os.close(log_fd)
         start = pid_start_time(pid)
@@ -334,19 +356,22 @@ def _tail_file(path: str) -> str:
 
 
 def _detach(argv: list[str], env: dict[str, str], log_fd: int, cwd: str) -> int:
-    """Start argv in a new session, not as our child (double fork: the
-    supervisor, a subreaper, reaps it); return its pid."""
+    """Start argv as the leader of a new session and process group, not as
+    our child (double fork: the supervisor, a subreaper, reaps it); return
+    its pid, which is also the id of its process group."""
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         child = os.fork()
         if child == 0:  # pragma: no cover - runs in the forked children
             code = 1
             try:
-                os.setsid()
                 grandchild = os.fork()
                 if grandchild != 0:
                     os.write(w, grandchild.to_bytes(8, "little"))
                     os._exit(0)
+                # setsid here, in the process that execs: its pid is then the
+                # id of its session and process group, which terminate kills.
+                os.setsid()
                 os.chdir(cwd)
                 null = os.open("/dev/null", os.O_RDONLY)
                 os.dup2(null, 0)
@@ -371,45 +396,10 @@ def _detach(argv: list[str], env: dict[str, str], log_fd: int, cwd: str) -> int:
 
 
 def _kill_group(pid: int, start: int | None, grace: float) -> None:
-    """TERM the process group led by pid, KILL it after ``grace``, and wait
-    until the leader is gone (a zombie counts: the subreaper collects it)."""
-    if not same_process(pid, start):
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        delay = 0.0005
-        while same_process(pid, start) or _group_members(pid):
-            if time.monotonic() > deadline:
-                break
-            if not same_process(pid, start):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)  # stragglers once the leader is gone
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
-        else:
-            return
-    raise StepFailed(f"process group {pid} survived SIGKILL: {_group_members(pid)}")
-
-
-def _group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group: a killed one stays
-    listed until it has really exited, so terminate returns only then."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                rest = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if len(rest) > 2 and rest[0] != b"Z" and int(rest[2]) == pgid:
-            found.append(int(name))
-    return found
+    """TERM the process group led by pid and its descendants, KILL them after
+    ``grace``, and wait until all are gone (a zombie counts: the subreaper
+    collects it). Stragglers are killed even when the leader already died."""
+    kill_process_tree(pid, start, grace=grace, timeout=10.0)
 
 
 def _kill_pidfile(path: str, grace: float) -> None:

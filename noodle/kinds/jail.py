@@ -27,7 +27,6 @@ import os
 import re
 import select
 import shutil
-import signal
 import struct
 import sys
 import time
@@ -36,7 +35,7 @@ from typing import Any, ClassVar
 
 from noodle.errors import ConfigError, KindUnavailable, StepFailed
 from noodle.handle import AgentHandle
-from noodle.kinds._cgroup import Layout, SlotCgroup, detect, pid_start_time, same_process
+from noodle.kinds._cgroup import Layout, SlotCgroup, detect, kill_process_tree, pid_start_time, same_process
 from noodle.kinds._mounts import mount, mounts_under, unmount_all
 from noodle.kinds.base import Kind, PoolInfo, SlotContext
 
@@ -310,13 +309,10 @@ class JailKind(Kind):
         timeout = float(self.options["kill_timeout"])
         if cg is not None:
             cg.kill_all(timeout)
-        if same_process(pid, start):
-            _kill_group_and_wait(pid, start, timeout)
+        # also when the launcher is dead: its group may still hold the rest
+        _kill_group_and_wait(pid, start, timeout)
 
     def health(self, descriptor: Mapping[str, Any], timeout: float) -> bool:
-        pid, start = descriptor.get("pid"), descriptor.get("start")
-        if not (isinstance(pid, int) and isinstance(start, int) and same_process(pid, start)):
-            return False
         return self.client_health(descriptor, timeout)
 
     # -- client side -------------------------------------------------------------
@@ -327,6 +323,12 @@ class JailKind(Kind):
 
     @classmethod
     def client_health(cls, descriptor: Mapping[str, Any], timeout: float) -> bool:
+        """The launcher is still the process spawn started (pid + start time
+        from the descriptor, so a reused pid does not count) and the agent
+        answers a ping: an agent whose launcher died is not handed out."""
+        pid, start = descriptor.get("pid"), descriptor.get("start")
+        if not (isinstance(pid, int) and isinstance(start, int) and same_process(pid, start)):
+            return False
         handle = AgentHandle(str(descriptor["socket"]), timeout=timeout)
         try:
             return handle.ping(timeout)
@@ -538,8 +540,9 @@ def build_skeleton(dest: str) -> None:
 
 
 def _launch(argv: list[str], env: dict[str, str], log_path: str, cg: SlotCgroup | None) -> tuple[int, int]:
-    """Start ``argv`` detached (double fork + setsid, so it is never the
-    worker's child: the supervisor, a subreaper, reaps it) inside ``cg``.
+    """Start ``argv`` detached (double fork, so it is never the worker's
+    child: the supervisor, a subreaper, reaps it) as the leader of a new
+    session and process group, inside ``cg``.
     Returns (its pid, the read end of the ready pipe)."""
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
@@ -572,9 +575,11 @@ def _launcher_child(
 ) -> None:  # pragma: no cover - runs in the forked children
     code = 1
     try:
-        os.setsid()
         if os.fork() != 0:
             os._exit(0)
+        # setsid here, in the process that execs: the launcher's pid is then
+        # the id of its session and process group, which _stop kills.
+        os.setsid()
         code = 2
         if cg is not None:
             cg.join_self()
@@ -643,29 +648,21 @@ def _write_pidfile(path: str, pid: int, start: int | None) -> None:
 
 
 def _kill_pidfile(path: str, timeout: float) -> None:
-    """Kill the launcher recorded by spawn if it is still that process: the
-    way back to a jail started without a cgroup, after a crash."""
+    """Kill the jail recorded by spawn: the way back to a jail started
+    without a cgroup, after a crash. Its group's stragglers go even when the
+    launcher is dead, never anything of a pid reused since."""
     try:
         with open(path, encoding="ascii") as f:
             pid_s, start_s = f.read().split()
         pid, start = int(pid_s), int(start_s)
     except (OSError, ValueError):
         return
-    if same_process(pid, start):
-        _kill_group_and_wait(pid, start, timeout)
+    _kill_group_and_wait(pid, start or None, timeout)
 
 
 def _kill_group_and_wait(pid: int, start: int | None, timeout: float) -> None:
-    """SIGKILL the launcher's process group (it is a session leader), then
-    wait until the pid is gone or a zombie for the subreaper to collect."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    delay = 0.0005
-    while same_process(pid, start):
-        if time.monotonic() > deadline:
-            raise StepFailed(f"pid {pid} survived SIGKILL for {timeout} s")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
+    """SIGKILL the launcher's process group (it is a session leader) and its
+    descendants (the pid namespace's init, the agent, anything that left the
+    group below them), then wait until all are gone or zombies for the
+    subreaper to collect. Without a cgroup this is what stops the jail."""
+    kill_process_tree(pid, start, grace=0.0, timeout=timeout)

@@ -6,6 +6,7 @@ import os
 import secrets
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -211,3 +212,113 @@ def test_descriptor_too_large(kinds: Kinds) -> None:
     kind = kinds.kind(spawn=f"{PY} -c 'import json; print(json.dumps({{{{\"x\": \"a\" * 2000}}}}))'")
     with pytest.raises(StepFailed, match=r"descriptor_max"):
         kind.spawn(kind.pool.slot(0))
+
+
+# -- process groups -------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    rest = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(rest[1]) == pid and rest[0] != b"Z":
+                out.append(int(entry))
+    return out
+
+
+def _wait(pred: Any, what: str) -> Any:
+    for _ in range(2000):
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.005)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+@pytest.mark.timeout(60)
+def test_process_mode_terminate_kills_the_spawned_children(kinds: Kinds) -> None:
+    """The spawn command leads its own session and process group, and
+    terminate (no template) takes what it started along: a child that
+    ignores TERM, and one that left the group (setsid) while still below."""
+    kind = kinds.kind(
+        spawn_mode="process",
+        spawn="trap '' TERM; sleep 300 & setsid sleep 301 & echo ready; wait",
+        kill_grace=0.3,
+    )
+    slot, desc = cycle(kind, kinds)
+    pid = desc["pid"]
+    assert os.getpgid(pid) == pid and os.getsid(pid) == pid
+    kids = _wait(lambda: len(c := _children(pid)) == 2 and c, "the spawn command's two children")
+    starts = {k: pid_start_time(k) for k in kids}
+    kinds.pids += kids
+    assert any(os.getsid(k) == k for k in kids)  # the setsid one left the group
+    kind.terminate(slot, desc)
+    assert not alive(pid)
+    assert [k for k, s in starts.items() if pid_start_time(k) == s] == []
+    assert not kind.health(desc, 1.0)
+    kind.clean(slot)
+
+
+@pytest.mark.timeout(60)
+def test_clean_kills_the_group_after_its_leader_died(kinds: Kinds) -> None:
+    """After a crash: the instance's shell is dead (its child, reparented,
+    is no longer below it) and no descriptor survived. Clean still kills
+    the group through spawn.pid."""
+    kind = kinds.kind(spawn_mode="process", spawn="sleep 300 & echo ready; wait")
+    slot, desc = cycle(kind, kinds, 1)
+    pid = desc["pid"]
+    (child,) = _wait(lambda: _children(pid), "the spawn command's child")
+    kinds.pids.append(child)
+    start = pid_start_time(child)
+    os.kill(pid, signal.SIGKILL)
+    _wait(lambda: not alive(pid), "the shell to die")
+    assert pid_start_time(child) == start and os.getpgid(child) == pid
+    CommandKind(kind.pool, kind.options).clean(slot)
+    assert pid_start_time(child) != start
+    assert not os.path.exists(slot.dir)
+
+
+@pytest.mark.timeout(60)
+def test_terminate_leaves_a_reused_pid_alone(kinds: Kinds) -> None:
+    """A descriptor whose start time does not match the live pid (reused)
+    must not signal that process or its group."""
+    victim = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        kind = kinds.kind(spawn_mode="process", spawn="echo ready; exec sleep 300")
+        slot = kind.pool.slot(0)
+        kind.terminate(slot, {"pid": victim.pid, "start": (pid_start_time(victim.pid) or 0) + 1})
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+# -- working directory -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_steps_run_in_base_dir(kinds: Kinds, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative paths in templates resolve against base_dir: by default the
+    directory the kind was made in (where `noodle run` started), a relative
+    base_dir against that too; never the slot dir."""
+    monkeypatch.chdir(REPO)
+    default = kinds.kind(spawn_mode="process", spawn="exec examples/command/plain-spawn.sh", prepare="pwd > {dir}/pwd")
+    rel = kinds.kind(
+        spawn_mode="process", spawn="exec ./plain-spawn.sh", prepare="pwd > {dir}/pwd", base_dir="examples/command"
+    )
+    monkeypatch.chdir("/")  # the working directory at construction counts, not a later one
+    for kind, want in ((default, REPO), (rel, EX)):
+        assert kind.base_dir == want
+        slot, desc = cycle(kind, kinds)
+        with open(os.path.join(slot.dir, "pwd")) as f:
+            assert f.read().strip() == want
+        assert kind.health(desc, 5.0)
+        kind.terminate(slot, desc)
+        kind.clean(slot)
+    with pytest.raises(ConfigError, match=r"kinds.command.base_dir"):
+        kinds.kind(spawn="true", base_dir="/nonexistent/noodle")

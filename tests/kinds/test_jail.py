@@ -14,13 +14,14 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from noodle.errors import ConfigError, KindUnavailable
-from noodle.kinds._cgroup import detect
+from noodle.kinds._cgroup import detect, pid_start_time
 from noodle.kinds._mounts import mountinfo
 from noodle.kinds.base import PoolInfo, SlotContext
 from noodle.kinds.jail import JailKind
@@ -299,6 +300,137 @@ def test_clean_after_crash_without_terminate(jails: Jails) -> None:
     fresh.clean(slot)
     assert leftovers(kind, slot) == []
     assert not JailKind.client_health(desc, 1.0)
+
+
+def _tree(root: int) -> dict[int, int]:
+    """Live descendants of ``root`` (pid -> start time)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    rest = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(rest[1]), []).append(int(entry))
+    out: dict[int, int] = {}
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if (start := pid_start_time(child)) is not None:
+                out[child] = start
+            todo.append(child)
+    return out
+
+
+def _alive(procs: dict[int, int]) -> list[int]:
+    return [p for p, s in procs.items() if pid_start_time(p) == s]
+
+
+def _wait_dead(pid: int) -> None:
+    for _ in range(2000):  # SIGKILL is asynchronous: wait for the death itself
+        if pid_start_time(pid) is None:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"pid {pid} survived SIGKILL")
+
+
+_DAEMON = "import subprocess; subprocess.Popen(['sleep', '300'], start_new_session=True).pid"
+
+
+def _daemons(procs: dict[int, int]) -> list[int]:
+    """The processes _DAEMON started, which left the agent's session."""
+    out = []
+    for p in procs:
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if f.read() == b"sleep\x00300\x00" and os.getsid(p) == p:
+                    out.append(p)
+        except OSError:
+            pass
+    return out
+
+
+def _backends() -> list[Any]:
+    params = [pytest.param("bwrap", marks=needs_bwrap)]
+    missing = [t for t in ("unshare", "chroot", "mount") if not shutil.which(t)]
+    params.append(pytest.param("unshare", marks=pytest.mark.skipif(bool(missing), reason=f"missing: {missing}")))
+    return params
+
+
+@needs_jail
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", _backends())
+def test_without_cgroup_terminate_kills_the_whole_jail(jails: Jails, backend: str) -> None:
+    """cgroup = false: the launcher leads its own session and process group,
+    and terminate takes the namespace's init, the agent and a daemon that
+    left the agent's session along."""
+    kind = jails.kind(cgroup=False, backend=backend)
+    slot, desc = up(kind)
+    pid = desc["pid"]
+    assert "cgroup" not in desc
+    assert os.getpgid(pid) == pid and os.getsid(pid) == pid
+    run(desc, _DAEMON)
+    tree = _tree(pid)
+    # the agent (below bwrap's namespace init; unshare's init is the agent) and the daemon
+    assert len(tree) >= 2 and _daemons(tree), tree
+    kind.terminate(slot, desc)
+    assert pid_start_time(pid) is None
+    assert not _alive(tree), f"processes of a terminated jail alive: {_alive(tree)}"
+    assert not JailKind.client_health(desc, 1.0)
+    kind.clean(slot)
+    assert leftovers(kind, slot) == []
+
+
+@needs_jail
+@needs_bwrap
+@pytest.mark.timeout(120)
+def test_without_cgroup_clean_kills_the_jail_after_its_launcher_died(jails: Jails) -> None:
+    """A crash: the launcher (outer bwrap) is gone, no terminate ran, and a
+    restarted worker has no descriptor. Clean still finds the rest of the
+    jail through the pid file's process group."""
+    kind = jails.kind(cgroup=False, backend="bwrap")
+    slot, desc = up(kind)
+    pid = desc["pid"]
+    run(desc, _DAEMON)
+    tree = _tree(pid)
+    assert len(tree) >= 3 and _daemons(tree), tree  # bwrap's namespace init, the agent, the daemon
+    os.kill(pid, signal.SIGKILL)
+    _wait_dead(pid)
+    assert _alive(tree), "the jail died with its launcher: this test proves nothing"
+    JailKind(kind.pool, kind.options).clean(slot)
+    assert not _alive(tree), f"processes of a cleaned jail alive: {_alive(tree)}"
+    assert leftovers(kind, slot) == []
+
+
+@needs_jail
+@needs_bwrap
+@pytest.mark.timeout(120)
+def test_client_health_checks_the_launcher(jails: Jails) -> None:
+    """get()'s health check runs client_health from the descriptor alone:
+    with only the launcher killed, the agent still answers a ping, but the
+    instance must not be handed out."""
+    kind = jails.kind(cgroup=False, backend="bwrap")
+    slot, desc = up(kind)
+    assert JailKind.client_health(desc, 5.0)
+    tree = _tree(desc["pid"])
+    os.kill(desc["pid"], signal.SIGKILL)
+    _wait_dead(desc["pid"])
+    handle = JailKind.client_handle(desc)
+    try:
+        assert handle.ping(5.0), "the agent died with its launcher: this test proves nothing"
+    finally:
+        handle.close()
+    assert not JailKind.client_health(desc, 2.0)
+    assert not kind.health(desc, 2.0)
+    # a descriptor without the launcher's identity is not healthy either
+    assert not JailKind.client_health({"socket": desc["socket"]}, 2.0)
+    assert not JailKind.client_health({**desc, "start": desc["start"] + 1}, 2.0)
+    # terminate takes the rest of the jail although its launcher is gone
+    kind.terminate(slot, desc)
+    assert tree and not _alive(tree), f"processes of a terminated jail alive: {_alive(tree)}"
+    kind.clean(slot)
+    assert leftovers(kind, slot) == []
 
 
 @needs_jail

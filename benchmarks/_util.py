@@ -1,0 +1,321 @@
+"""Shared helpers of the benchmarks: statistics, machine info, markdown,
+JSON results, and clean-up of every pool, segment, queue and process a
+benchmark starts (by pid, never by name)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+
+if ROOT not in sys.path:  # run as `python benchmarks/x.py` from a checkout
+    sys.path.insert(0, ROOT)
+
+
+# ---- statistics ------------------------------------------------------------------
+
+
+def pct(sorted_xs: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of an already sorted sequence."""
+    if not sorted_xs:
+        return float("nan")
+    k = min(len(sorted_xs) - 1, max(0, round(p / 100.0 * (len(sorted_xs) - 1))))
+    return float(sorted_xs[k])
+
+
+def summary(xs: Iterable[float], scale: float = 1.0, digits: int = 3) -> dict[str, float]:
+    """n, min, p50, p90, p99, mean of xs (each multiplied by scale)."""
+    s = sorted(x * scale for x in xs)
+    if not s:
+        return {"n": 0}
+    return {
+        "n": len(s),
+        "min": round(s[0], digits),
+        "p50": round(pct(s, 50), digits),
+        "p90": round(pct(s, 90), digits),
+        "p99": round(pct(s, 99), digits),
+        "mean": round(sum(s) / len(s), digits),
+    }
+
+
+def ratio(a: float, b: float, digits: int = 1) -> float | None:
+    if not b or b != b or a != a:
+        return None
+    return round(a / b, digits)
+
+
+# ---- machine ---------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "cpu_model": model,
+    }
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# ---- output ------------------------------------------------------------------------
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v != v:
+            return "-"
+        a = abs(v)
+        if a >= 1000:
+            return f"{v:,.0f}"
+        if a >= 100:
+            return f"{v:.0f}"
+        if a >= 10:
+            return f"{v:.1f}"
+        if a >= 1:
+            return f"{v:.2f}"
+        return f"{v:.3f}"
+    return str(v)
+
+
+def md_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(fmt(c) for c in r) + " |")
+    return "\n".join(out)
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], note: str = "") -> dict[str, Any]:
+    """A table as stored in the results JSON (report.py renders these)."""
+    return {"title": title, "columns": list(columns), "rows": [list(r) for r in rows], "note": note}
+
+
+def print_tables(tables: Sequence[dict[str, Any]]) -> None:
+    for t in tables:
+        print(f"\n### {t['title']}\n")
+        print(md_table(t["columns"], t["rows"]))
+        if t.get("note"):
+            print(f"\n{t['note']}")
+    sys.stdout.flush()
+
+
+def write_json(name: str, doc: dict[str, Any]) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, name)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ---- clean-up ------------------------------------------------------------------------
+
+
+def ipc_leftovers(pool: str) -> list[str]:
+    """Segment and queue files still present for pool ``pool``."""
+    out = []
+    for d in ("/dev/shm", "/dev/mqueue"):
+        with contextlib.suppress(OSError):
+            for n in os.listdir(d):
+                if n == f"noodle.{pool}" or n.startswith(f"noodle.{pool}."):
+                    out.append(os.path.join(d, n))
+    return out
+
+
+def unlink_ipc(pool: str) -> list[str]:
+    """Remove what is left of pool ``pool``'s segment and queues; returns what was removed."""
+    import posix_ipc
+
+    removed = []
+    for path in ipc_leftovers(pool):
+        name = "/" + os.path.basename(path)
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            if path.startswith("/dev/shm"):
+                posix_ipc.unlink_shared_memory(name)
+            else:
+                posix_ipc.unlink_message_queue(name)
+            removed.append(path)
+    return removed
+
+
+def _start_time(pid: int) -> int:
+    from noodle.procs import start_time
+
+    return start_time(pid)
+
+
+def kill_pids(pids: Iterable[tuple[int, int]]) -> list[int]:
+    """SIGKILL every (pid, start time) that is still that process."""
+    from noodle.procs import kill_verified
+
+    killed = []
+    for pid, st in pids:
+        if st and kill_verified(pid, st, signal.SIGKILL):
+            killed.append(pid)
+    return killed
+
+
+def stop_processes(procs: Iterable[Any], grace: float = 2.0) -> None:
+    """Terminate multiprocessing Processes we started (by pid), then kill."""
+    procs = list(procs)
+    for p in procs:
+        with contextlib.suppress(Exception):
+            if p.is_alive():
+                p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
+
+
+# ---- a pool run by `noodle run` -------------------------------------------------------
+
+
+class PoolProcess:
+    """``python -m noodle run`` in a child; stop() sends SIGTERM to its pid,
+    waits, and kills every descendant it recorded if anything is left."""
+
+    def __init__(self, name: str, pool_size: int, workers: int | None = None, run_dir: str = "",
+                 extra: Sequence[str] = ()) -> None:  # fmt: skip
+        self.name = name
+        self.pool_size = pool_size
+        self.run_dir = run_dir or f"/tmp/nb{os.getpid()}"
+        self.cmd = [sys.executable, "-m", "noodle", "run", "--name", name, "--pool-size", str(pool_size),
+                    "--run-dir", self.run_dir, "--log-level", "WARNING", *extra]  # fmt: skip
+        if workers:
+            self.cmd += ["--workers", str(workers)]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = os.path.join("/tmp", f"noodle-bench-{name}.log")
+        self._known: dict[int, int] = {}
+        self.fill_seconds = float("nan")
+
+    def start(self, timeout: float = 120.0) -> None:
+        from noodle.errors import PoolNotFound
+
+        leftover = ipc_leftovers(self.name)
+        if leftover:
+            raise RuntimeError(f"pool {self.name!r} already has {leftover}")
+        os.makedirs(self.run_dir, exist_ok=True)
+        log = open(self.log_path, "wb")  # handed to the child
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+        log.close()
+        import noodle
+
+        pool = None
+        try:
+            while pool is None:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"noodle run exited with {self.proc.returncode}; see {self.log_path}")
+                try:
+                    pool = noodle.attach(self.name)
+                except PoolNotFound:
+                    if time.monotonic() - t0 > timeout:
+                        raise
+                    time.sleep(0.02)
+            self.wait_full(pool, timeout - (time.monotonic() - t0))
+            self.fill_seconds = time.monotonic() - t0
+        finally:
+            if pool is not None:
+                pool.close()
+        self.remember()
+
+    def wait_full(self, pool: Any, timeout: float) -> float:
+        t0 = time.monotonic()
+        while pool.stats()["states"]["ready"] < self.pool_size:
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"pool {self.name} not full after {timeout:.0f} s: {pool.stats()['states']}")
+            self.remember()
+            time.sleep(0.002)
+        return time.monotonic() - t0
+
+    def remember(self) -> None:
+        """Record the supervisor's descendants (with start times) for clean-up."""
+        from noodle.procs import descendants_of
+
+        if self.proc is None:
+            return
+        for pid in descendants_of(self.proc.pid):
+            if pid not in self._known:
+                st = _start_time(pid)
+                if st:
+                    self._known[pid] = st
+
+    def stop(self, timeout: float = 60.0) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.proc is not None:
+            self.remember()
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                out["exit_code"] = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                out["exit_code"] = self.proc.wait()
+                out["killed_supervisor"] = True
+            stray = kill_pids(self._known.items())
+            if stray:
+                out["killed_strays"] = stray
+            self.proc = None
+        removed = unlink_ipc(self.name)
+        if removed:
+            out["removed_ipc"] = removed
+        # keep what the supervisor complained about in the results, drop the file
+        with contextlib.suppress(OSError):
+            with open(self.log_path, errors="replace") as f:
+                bad = [ln.rstrip() for ln in f if " ERROR " in ln or " CRITICAL " in ln]
+            if bad:
+                out["log_errors"] = bad[:20]
+                out["log_error_count"] = len(bad)
+            os.unlink(self.log_path)
+        import shutil
+
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        return out
+
+    def __enter__(self) -> PoolProcess:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
