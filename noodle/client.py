@@ -24,6 +24,7 @@ import msgpack
 from noodle import layout as L
 from noodle import queues
 from noodle.errors import (
+    InstanceGone,
     LeaseReleased,
     NoodleError,
     PoolClosed,
@@ -86,7 +87,10 @@ class Lease:
         if self._released:
             raise LeaseReleased(f"lease of slot {self.slot} (gen {self.generation}) was released")
         if self._instance is _UNSET:
-            self._instance = self._pool._handle(self.descriptor)
+            try:
+                self._instance = self._pool._handle(self.descriptor)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise InstanceGone(f"slot {self.slot}: descriptor {self.descriptor!r:.100} is unusable: {exc}") from None
         return self._instance
 
     def release(self) -> bool:

@@ -59,6 +59,7 @@ PR_SET_CHILD_SUBREAPER = 36
 TICK = 0.05  # seconds between loop passes when no signal arrives
 SENDER_GRACE_NS = 20_000_000  # a worker or client between its CAS and its send
 RESEND_AFTER_NS = 30_000_000_000  # a dispatched task unclaimed this long was lost
+LEASE_RECORD_GRACE = 2.0  # seconds a lease may show no holder start time
 STAGE_OF = {L.State.CLEAN: "clean", L.State.PREPARE: "prepare", L.State.SPAWN: "spawn", L.State.TERMINATE: "terminate"}
 
 EXIT_OK = 0
@@ -104,13 +105,15 @@ class Supervisor:
         self._last: dict[str, float] = {}
         self._missing_ready: dict[int, int] = {}
         self._stuck_waiter: tuple[int, float] | None = None
-        self._lease_starts: dict[int, int] = {}
+        self._lease_starts: dict[int, tuple[int, int, float]] = {}  # slot -> (word, start, first seen)
 
     # == start ====================================================================
 
     def start(self) -> None:
         cfg = self.cfg
         setproctitle(f"noodle supervisor {cfg.name}")
+        # nothing the pool, its workers or its instances create is for "other"
+        os.umask(0o007)
         self._install_signals()
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -172,6 +175,7 @@ class Supervisor:
                 self.handle_signals()
                 self.reap()
                 self.murder_stuck_workers()
+                self.free_foreign_owners()
                 self.top_up_workers()
                 self.check_integrity()
                 self.reclaim_dead_leases()
@@ -339,6 +343,23 @@ class Supervisor:
                 self.table[base + STEP_STARTED] = 0
                 w.started = time.monotonic()
 
+    def free_foreign_owners(self) -> None:
+        """A stage state owned by a pid that is none of our workers (a
+        damaged word, or a death we missed) would wait for ever: free it.
+        Ready and abandoned slots have no owner at all."""
+        assert self.seg is not None
+        if not self.every("owners", 1.0):
+            return
+        for slot, word in enumerate(self.seg.states()):
+            st, pid = L.word_state(word), L.word_pid(word)
+            if pid == 0 or st == L.State.LEASED or pid in self.workers:
+                continue
+            if st in STAGE_OF or st in (L.State.READY, L.State.ABANDONED):
+                if self.seg.core.cas(slot, word, L.make_word(st, L.word_gen(word), 0)):
+                    self.seg.count("corruption_repairs")
+                    log.error("slot %d: owner pid %d is not one of our workers; freed (%s)",
+                              slot, pid, L.describe_word(word))  # fmt: skip
+
     def top_up_workers(self) -> None:
         if self.done or self.fatal:
             return
@@ -385,10 +406,16 @@ class Supervisor:
             actual = start_time(pid)
             alive = actual != 0 and (expected == 0 or actual == expected)
             if alive and expected == 0:
-                # start time not yet written: a pid that started after the
-                # lease was taken cannot be its holder
-                first = self._lease_starts.setdefault(slot, actual)
-                alive = first == actual
+                # The holder writes its start time right after its CAS, so
+                # this is either that instant or a damaged word naming some
+                # live process. A pid that started after we first saw the
+                # lease cannot be its holder; a record that stays unwritten
+                # is damage.
+                seen = self._lease_starts.get(slot)
+                if seen is None or seen[0] != word:
+                    self._lease_starts[slot] = (word, actual, time.monotonic())
+                else:
+                    alive = seen[1] == actual and time.monotonic() - seen[2] < LEASE_RECORD_GRACE
             if alive:
                 continue
             if self.seg.core.cas(slot, word, L.make_word(L.State.TERMINATE, gen, 0)):
@@ -616,6 +643,10 @@ class Supervisor:
         log.info("pool %r stopped", self.cfg.name)
 
     def _close_wakeup(self) -> None:
+        # stopped: a late stop signal (systemd's, an impatient operator's) must
+        # not kill the interpreter while it exits, which would turn 0 into -15
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         signal.set_wakeup_fd(-1)
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:

@@ -57,7 +57,11 @@ class ProcessKind(Kind):
     # -- supervisor side ----------------------------------------------------
 
     def setup(self) -> None:
-        os.makedirs(os.path.join(self.pool.run_dir, "slots"), exist_ok=True)
+        slots = os.path.join(self.pool.run_dir, "slots")
+        os.makedirs(slots, exist_ok=True)
+        # the pool's group (executors) may traverse to instance sockets; nobody else
+        os.chown(slots, -1, self.pool.gid)
+        os.chmod(slots, 0o750)
         self._start_zygote()
 
     def _start_zygote(self) -> None:
@@ -105,28 +109,26 @@ class ProcessKind(Kind):
     # -- worker side ----------------------------------------------------------
 
     def clean(self, slot: SlotContext) -> None:
-        pidfile = os.path.join(slot.dir, "instance.pid")
-        with contextlib.suppress(OSError, ValueError):
-            with open(pidfile) as f:
-                pid_s, start_s = f.read().split()
-            _kill_group(int(pid_s), int(start_s))
+        _kill_recorded(slot)
         shutil.rmtree(slot.dir, ignore_errors=True)
         if os.path.exists(slot.dir):
             raise StepFailed(f"could not remove {slot.dir}")
 
     def prepare(self, slot: SlotContext) -> None:
         os.makedirs(slot.dir, mode=0o750, exist_ok=True)
-        uid, gid = self.options["uid"], self.options["gid"]
-        if uid is not None or gid is not None:
-            os.chown(slot.dir, -1 if uid is None else uid, -1 if gid is None else gid)
+        uid = self.options["uid"]
+        os.chown(slot.dir, -1 if uid is None else uid, self.pool.gid)
+        os.chmod(slot.dir, 0o750)
 
     def spawn(self, slot: SlotContext) -> dict[str, Any]:
+        # one instance per slot, even if a damaged slot table skipped its clean
+        _kill_recorded(slot)
         sock_path = os.path.join(slot.dir, "instance.sock")
         o = self.options
         cwd = o["cwd"].format(slot=slot.slot, dir=slot.dir, pool=slot.pool) if o["cwd"] else None
         req = {
             "op": "fork", "pool": slot.pool, "slot": slot.slot, "dir": slot.dir, "socket": sock_path, "cwd": cwd,
-            "uid": o["uid"], "gid": o["gid"],
+            "uid": o["uid"], "gid": o["gid"], "sock_gid": self.pool.gid,
             "rlimits": {"as": o["rlimit_as"], "nproc": o["rlimit_nproc"], "cpu": o["rlimit_cpu"]},
         }  # fmt: skip
         timeout = float(o["spawn_timeout"])
@@ -163,6 +165,15 @@ class ProcessKind(Kind):
             return handle.ping(timeout)
         finally:
             handle.close()
+
+
+def _kill_recorded(slot: SlotContext) -> None:
+    """Kill the instance the slot's pidfile records, if it still runs."""
+    pidfile = os.path.join(slot.dir, "instance.pid")
+    with contextlib.suppress(OSError, ValueError):
+        with open(pidfile) as f:
+            pid_s, start_s = f.read().split()
+        _kill_group(int(pid_s), int(start_s))
 
 
 def _zygote_request(path: str, req: dict[str, Any], timeout: float) -> dict[str, Any]:

@@ -70,9 +70,10 @@ def _serve_one(conn: socket.socket) -> None:
             return
         sock_path = str(req["socket"])
         listener = agent.listen_unix(sock_path)
-        uid, gid = req.get("uid"), req.get("gid")
-        if uid is not None or gid is not None:
-            os.chown(sock_path, -1 if uid is None else int(uid), -1 if gid is None else int(gid))
+        uid, sock_gid = req.get("uid"), req.get("sock_gid")
+        # the lease holder (owner or the pool's group) connects; nobody else
+        os.chown(sock_path, -1 if uid is None else int(uid), -1 if sock_gid is None else int(sock_gid))
+        os.chmod(sock_path, 0o660)
         pid = os.fork()
         if pid == 0:
             code = 0

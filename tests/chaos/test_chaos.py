@@ -124,10 +124,14 @@ class Sampler(threading.Thread):
 def settle_and_check(pool: noodle.Pool, sup_pid: int, name: str, timeout: float = 90) -> dict[str, Any]:
     """Wait until every slot is ready (or abandoned), then check that the
     instances alive are exactly those of the ready slots."""
-    snap = wait_for(
-        lambda: (s := pool.stats())["states"]["ready"] + s["states"]["abandoned"] == pool.pool_size and s,
-        timeout, "every slot to be ready again",
-    )  # fmt: skip
+    try:
+        snap = wait_for(
+            lambda: (s := pool.stats())["states"]["ready"] + s["states"]["abandoned"] == pool.pool_size and s,
+            timeout, "every slot to be ready again",
+        )  # fmt: skip
+    except AssertionError as exc:
+        records = "\n".join(f"  {L.describe_word(r.word)} {r}" for r in map(pool._seg.record, range(pool.pool_size)))
+        raise AssertionError(f"{exc}; now={time.monotonic_ns()}, slots:\n{records}") from None
     ready = {slot for slot in range(pool.pool_size) if L.word_state(pool._seg.core.load(slot)) == L.State.READY}
     described = {slot: msgpack.unpackb(pool._seg.descriptor_bytes(slot))["pid"] for slot in ready}
     for slot, pid in described.items():
