@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--kind", default="process")
 
     sub.add_parser("kinds", help="list the registered instance kinds")
+    sub.add_parser("unit", help="print the systemd unit file (noodle@.service) to install")
     return p
 
 
@@ -200,6 +201,13 @@ def cmd_kinds(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_unit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    sys.stdout.write((Path(__file__).parent / "noodle@.service").read_text())
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start a pool in a child process, show it working, stop it."""
     from noodle.client import attach
@@ -259,7 +267,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "status": cmd_status, "get": cmd_get, "exec": cmd_exec, "demo": cmd_demo,
-            "kinds": cmd_kinds}  # fmt: skip
+            "kinds": cmd_kinds, "unit": cmd_unit}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
