@@ -90,7 +90,8 @@ class Lease:
             try:
                 self._instance = self._pool._handle(self.descriptor)
             except (KeyError, TypeError, ValueError) as exc:
-                raise InstanceGone(f"slot {self.slot}: descriptor {self.descriptor!r:.100} is unusable: {exc}") from None
+                desc = f"{self.descriptor!r:.100}"
+                raise InstanceGone(f"slot {self.slot}: descriptor {desc} is unusable: {exc}") from None
         return self._instance
 
     def release(self) -> bool:

@@ -172,6 +172,16 @@ def wait_full(pool: Any, timeout: float = 30.0) -> dict[str, Any]:
 
 
 @pytest.fixture
+def clients(pool_name: str, tmp_path: Path) -> Iterator[Any]:
+    """Chaos client processes for this test's pool; killed at teardown."""
+    from tests.chaos.test_chaos import Clients
+
+    c = Clients(pool_name, tmp_path)
+    yield c
+    c.kill_all()
+
+
+@pytest.fixture
 def supervisor(pool_name: str, run_root: str, tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
     """Factory: start a supervisor for this test's pool; stopped (exit 0
     asserted) at teardown, before the leak check of `pool_name`."""

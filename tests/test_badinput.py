@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import noodle
 from noodle import layout as L
 from noodle import queues
-from tests.chaos.test_chaos import Clients, clients, settle_and_check  # noqa: F401 - clients is a fixture
+from tests.chaos.test_chaos import Clients, settle_and_check
 from tests.conftest import REPO, wait_for, wait_full
 
 pytestmark = pytest.mark.timeout(300)
@@ -88,8 +88,8 @@ def test_descriptor_that_is_not_msgpack(supervisor, pool_name: str) -> None:
 
 
 def _spawn_supervisor(name: str, run_root: str, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "noodle", "run", "--name", name, "--run-dir", run_root,
-                             "--pool-size", "3"], cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # fmt: skip
+    cmd = [sys.executable, "-m", "noodle", "run", "--name", name, "--run-dir", run_root, "--pool-size", "3"]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.05, 0.2, 0.5])
@@ -159,9 +159,13 @@ def test_fuzz_message_decoding(raw: bytes) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=5) | st.binary(max_size=5),
-                    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=3), c, max_size=3),
-                    max_leaves=8))  # fmt: skip
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=5) | st.binary(max_size=5),
+        lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=3), c, max_size=3),
+        max_leaves=8,
+    )
+)
 def test_fuzz_structured_messages(obj: object) -> None:
     raw = msgpack.packb(obj)
     try:

@@ -34,7 +34,7 @@ def as_user(uid: int, groups: list[int], fn) -> int:
             os.setgid(groups[0] if groups else uid)
             os.setuid(uid)
             code = fn()
-        except BaseException as exc:  # noqa: BLE001 - the parent gets the reason
+        except BaseException as exc:
             os.write(w, repr(exc).encode()[:500])
         os._exit(code)
     os.close(w)

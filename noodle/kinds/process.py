@@ -61,7 +61,7 @@ class ProcessKind(Kind):
         os.makedirs(slots, exist_ok=True)
         # the pool's group (executors) may traverse to instance sockets; nobody else
         os.chown(slots, -1, self.pool.gid)
-        os.chmod(slots, 0o750)
+        os.chmod(slots, 0o750)  # noqa: S103 - group is the pool's executors, by design
         self._start_zygote()
 
     def _start_zygote(self) -> None:
@@ -118,7 +118,7 @@ class ProcessKind(Kind):
         os.makedirs(slot.dir, mode=0o750, exist_ok=True)
         uid = self.options["uid"]
         os.chown(slot.dir, -1 if uid is None else uid, self.pool.gid)
-        os.chmod(slot.dir, 0o750)
+        os.chmod(slot.dir, 0o750)  # noqa: S103 - group is the pool's executors, by design
 
     def spawn(self, slot: SlotContext) -> dict[str, Any]:
         # one instance per slot, even if a damaged slot table skipped its clean

@@ -186,13 +186,6 @@ def test_chaos_clients_killed_holding_in_get_and_waiting(supervisor, pool_name: 
     pool.close()
 
 
-@pytest.fixture
-def clients(pool_name: str, tmp_path: Path):
-    c = Clients(pool_name, tmp_path)
-    yield c
-    c.kill_all()
-
-
 def worker_in_step(pool: noodle.Pool, name: str) -> int:
     """A worker pid that owns a slot right now, i.e. is inside its step."""
     workers = {p for p, t in pool_processes(name) if "-worker " in t}
