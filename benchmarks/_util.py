@@ -10,10 +10,11 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,19 +36,45 @@ def pct(sorted_xs: Sequence[float], p: float) -> float:
     return float(sorted_xs[k])
 
 
-def summary(xs: Iterable[float], scale: float = 1.0, digits: int = 3) -> dict[str, float]:
-    """n, min, p50, p90, p99, mean of xs (each multiplied by scale)."""
+def summary(xs: Iterable[float], scale: float = 1.0, digits: int | None = 3,
+            stats: Sequence[str] = ("n", "min", "p50", "p90", "p99", "mean"), suffix: str = "",
+            median: bool = False) -> dict[str, float]:  # fmt: skip
+    """Statistics of xs (each multiplied by scale), in the order of ``stats``:
+    ``n``, ``min``, ``max``, ``mean`` or a nearest-rank percentile ``pNN``
+    (``p50`` is the interpolated median instead when ``median``). Every key
+    but ``n`` gets ``suffix``; values are rounded to ``digits`` unless None."""
     s = sorted(x * scale for x in xs)
     if not s:
         return {"n": 0}
-    return {
-        "n": len(s),
-        "min": round(s[0], digits),
-        "p50": round(pct(s, 50), digits),
-        "p90": round(pct(s, 90), digits),
-        "p99": round(pct(s, 99), digits),
-        "mean": round(sum(s) / len(s), digits),
-    }
+
+    def rnd(v: float) -> float:
+        return v if digits is None else round(v, digits)
+
+    out: dict[str, float] = {}
+    for st in stats:
+        if st == "n":
+            out["n"] = len(s)
+            continue
+        if st == "min":
+            v = s[0]
+        elif st == "max":
+            v = s[-1]
+        elif st == "mean":
+            v = sum(s) / len(s)
+        elif st == "p50" and median:
+            v = statistics.median(s)
+        elif st.startswith("p"):
+            v = pct(s, float(st[1:]))
+        else:
+            raise ValueError(f"unknown statistic {st!r}")
+        out[st + suffix] = rnd(v)
+    return out
+
+
+def summary_ms(xs: Iterable[float], stats: Sequence[str] = ("p50", "p90", "mean"), digits: int | None = None,
+               median: bool = False) -> dict[str, float]:  # fmt: skip
+    """Seconds in, milliseconds out, keyed ``p50_ms``, ``p90_ms``, ... (the kind benchmarks' format)."""
+    return summary(xs, 1e3, digits, stats, "_ms", median)
 
 
 def ratio(a: float, b: float, digits: int = 1) -> float | None:
@@ -81,6 +108,11 @@ def machine_info() -> dict[str, Any]:
 
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def host_info() -> dict[str, Any]:
+    """The short host description of the kind benchmarks' results."""
+    return {"machine": platform.machine(), "kernel": platform.release(), "cpus": os.cpu_count()}
 
 
 # ---- output ------------------------------------------------------------------------
@@ -129,13 +161,35 @@ def print_tables(tables: Sequence[dict[str, Any]]) -> None:
 
 
 def write_json(name: str, doc: dict[str, Any]) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, name)
+    """Write doc to benchmarks/results/<name> (or to ``name`` itself when it
+    has a directory part), atomically, with a trailing newline."""
+    path = name if os.path.dirname(name) else os.path.join(RESULTS, name)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=2, sort_keys=False)
         f.write("\n")
     os.replace(tmp, path)
+    return path
+
+
+def doc_head(benchmark: str, info: dict[str, Any], t_start: float, quick: bool, method: str | None) -> dict[str, Any]:
+    """The first keys of a tables-style results file (core.json, pool.json)."""
+    return {
+        "benchmark": benchmark,
+        "machine": info,
+        "loadavg_end": loadavg(),
+        "seconds": round(time.monotonic() - t_start, 1),
+        "quick": quick,
+        "method": method,
+    }
+
+
+def publish(name: str, doc: dict[str, Any]) -> str:
+    """Write a tables-style results file, print its tables and where it went."""
+    path = write_json(name, doc)
+    print_tables(doc["tables"])
+    print(f"\nwrote {path} in {doc['seconds']} s (load {doc['machine']['loadavg']} -> {doc['loadavg_end']})")
     return path
 
 
@@ -169,6 +223,26 @@ def unlink_ipc(pool: str) -> list[str]:
     return removed
 
 
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Make this process the subreaper of its orphaned descendants, as the
+    supervisor is (raises OSError if the kernel refuses)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def reap_orphans() -> None:
+    """Collect every child that has already exited, without blocking."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
 def _start_time(pid: int) -> int:
     from noodle.procs import start_time
 
@@ -186,6 +260,17 @@ def kill_pids(pids: Iterable[tuple[int, int]]) -> list[int]:
     return killed
 
 
+def child_result(conn: Any, timeout: float, what: str) -> Any:
+    """The next message from a child we started, on pipe end ``conn``;
+    raises if none comes within ``timeout`` s or it is ``{"error": ...}``."""
+    if not conn.poll(timeout):
+        raise RuntimeError(f"{what} timed out")
+    res = conn.recv()
+    if isinstance(res, dict) and "error" in res:
+        raise RuntimeError(f"{what} failed:\n{res['error']}")
+    return res
+
+
 def stop_processes(procs: Iterable[Any], grace: float = 2.0) -> None:
     """Terminate multiprocessing Processes we started (by pid), then kill."""
     procs = list(procs)
@@ -200,6 +285,43 @@ def stop_processes(procs: Iterable[Any], grace: float = 2.0) -> None:
             if p.is_alive():
                 p.kill()
                 p.join(1.0)
+
+
+# ---- one single-use cycle of a sandbox kind -----------------------------------------
+
+KIND_STEPS = ("prepare", "spawn", "first_result", "terminate", "clean")
+
+
+def kind_cycle(kind: Any, slot: Any, first_result: Callable[[Any], object],
+               close_in_first_result: bool = True) -> dict[str, float]:  # fmt: skip
+    """prepare, spawn, first result through a fresh client handle, terminate
+    and clean ``slot`` of ``kind`` (in this process); seconds per step, keyed
+    by KIND_STEPS. Closing the handle is timed with first_result, or with
+    terminate when not ``close_in_first_result``."""
+
+    def close(handle: Any) -> None:
+        if hasattr(handle, "close"):
+            handle.close()
+
+    a = time.perf_counter()
+    kind.prepare(slot)
+    b = time.perf_counter()
+    desc = kind.spawn(slot)
+    c = time.perf_counter()
+    handle = type(kind).client_handle(desc)
+    try:
+        first_result(handle)
+    finally:
+        if close_in_first_result:
+            close(handle)
+    d = time.perf_counter()
+    if not close_in_first_result:
+        close(handle)
+    kind.terminate(slot, desc)
+    e = time.perf_counter()
+    kind.clean(slot)
+    f = time.perf_counter()
+    return dict(zip(KIND_STEPS, (b - a, c - b, d - c, e - d, f - e), strict=True))
 
 
 # ---- a pool run by `noodle run` -------------------------------------------------------

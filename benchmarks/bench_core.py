@@ -122,6 +122,16 @@ def loop_overhead(k: int, reps: int) -> float:
 # ---- 1. rounds harness: pool core, client API, prefilled queues ----------------------
 
 
+def queue_get(kind: str, handle: Any) -> tuple[Any, Any]:
+    """The blocking get of a prefilled queue (mq: a name, opened here; mpq,
+    ff: the queue itself) and the queue this opened, if any, to close."""
+    if kind == "mq":
+        q = posix_ipc.MessageQueue(handle)
+        q.block = True
+        return q.receive, q
+    return handle.get, None
+
+
 def _rounds_client(kind: str, handle: Any, conn: Any, rounds: int, k: int, cpu: int | None) -> None:
     """Client side of the rounds harness. kind: core | api | mq | mpq | ff."""
     try:
@@ -145,12 +155,8 @@ def _rounds_client(kind: str, handle: Any, conn: Any, rounds: int, k: int, cpu: 
 
             pool = noodle.attach(handle)
             get = pool.get
-        elif kind == "mq":
-            q = posix_ipc.MessageQueue(handle)
-            q.block = True
-            get = q.receive
         else:
-            get = handle.get
+            get, q = queue_get(kind, handle)
         for r in range(rounds):
             conn.recv()
             a = array.array("q")
@@ -397,12 +403,7 @@ def _kept_full_client(kind: str, handle: Any, conn: Any, n_op: int, n_batch: int
     try:
         pin(cpu)
         pc = time.perf_counter_ns
-        if kind == "mq":
-            q = posix_ipc.MessageQueue(handle)
-            q.block = True
-            get = q.receive
-        else:
-            get = handle.get
+        get, _q = queue_get(kind, handle)
         timer = timer_overhead(20000)
         for _ in range(2000):
             get()
@@ -444,12 +445,7 @@ def kept_full(kind: str, n_op: int, n_batch: int, bsize: int, cpus: tuple[int | 
     try:
         feeder.start()
         client.start()
-        if not parent.poll(120):
-            raise RuntimeError(f"{kind} kept-full client timed out")
-        res = parent.recv()
-        if "error" in res:
-            raise RuntimeError(f"{kind} client failed:\n{res['error']}")
-        return res
+        return U.child_result(parent, 120, f"{kind} kept-full client")
     finally:
         U.stop_processes([client, feeder])
         if mq is not None:
@@ -554,11 +550,7 @@ def wake_block(mode: str, name: str, buf: Any, n: int, cpus: tuple[int | None, i
                           daemon=True)  # fmt: skip
         procs.append(pub)
         pub.start()
-        if not parent.poll(120):
-            raise RuntimeError(f"wake-up block ({mode}) timed out")
-        res = parent.recv()
-        if "error" in res:
-            raise RuntimeError(f"wake-up publisher failed:\n{res['error']}")
+        res = U.child_result(parent, 120, f"wake-up block ({mode}) publisher")
         waiter.join(10)
         return res
     finally:
@@ -601,9 +593,7 @@ def pingpong(n: int, cpus: tuple[int | None, int | None]) -> list[int]:
     try:
         b.start()
         a.start()
-        if not parent.poll(60):
-            raise RuntimeError("ping-pong timed out")
-        lat: list[int] = parent.recv()
+        lat: list[int] = U.child_result(parent, 60, "ping-pong")
         return lat[min(200, n // 10) :]
     finally:
         U.stop_processes([a, b])
@@ -836,12 +826,7 @@ def main() -> int:
     t0 = U.table("Targets", ["target", "measured", "goal", "met"], targets)
 
     doc = {
-        "benchmark": "core",
-        "machine": info,
-        "loadavg_end": U.loadavg(),
-        "seconds": round(time.monotonic() - t_start, 1),
-        "quick": q,
-        "method": __doc__,
+        **U.doc_head("core", info, t_start, q, __doc__),
         "timer_overhead_ns": timer,
         "stats": stats,
         "wake_us": wl,
@@ -853,9 +838,7 @@ def main() -> int:
                    for k, v in raw.items() if "rounds" in v},
         "tables": [t0, t1, t3, t2],
     }
-    path = U.write_json(args.out, doc)
-    U.print_tables(doc["tables"])
-    print(f"\nwrote {path} in {doc['seconds']} s (load {info['loadavg']} -> {doc['loadavg_end']})")
+    U.publish(args.out, doc)
     bad = {k: v["bad_status"] for k, v in doc["rounds"].items() if v["bad_status"]}
     if bad:
         print(f"WARNING: non-OK statuses in rounds: {bad}", file=sys.stderr)

@@ -7,29 +7,18 @@ versus a warm instance (see bench_kind_jail.py for the definitions).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import statistics
 import tempfile
-import time
 from typing import Any
+
+import _util as U
 
 from noodle.kinds.base import PoolInfo
 from noodle.kinds.command import CommandKind
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-EX = os.path.join(os.path.dirname(HERE), "examples", "command")
+EX = os.path.join(U.ROOT, "examples", "command")
 PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3"
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
-
-
-def summary(xs: list[float]) -> dict[str, float]:
-    return {"p50_ms": pct(xs, 50) * 1e3, "p90_ms": pct(xs, 90) * 1e3, "mean_ms": statistics.fmean(xs) * 1e3}
 
 
 def bench(options: dict[str, Any], rounds: int) -> dict[str, dict[str, float]]:
@@ -37,29 +26,22 @@ def bench(options: dict[str, Any], rounds: int) -> dict[str, dict[str, float]]:
     kind = CommandKind(PoolInfo(f"bc{os.getpid()}", 1, run_dir, 0, 0), {**options, "env": {"PYTHON": PY}})
     slot = kind.pool.slot(0)
     t: dict[str, list[float]] = {k: [] for k in ("prepare", "spawn", "warm", "terminate", "clean", "cold")}
+
+    def first_result(handle: Any) -> None:
+        assert handle is not None and handle.run("1+1").result == 2
+
     try:
         kind.clean(slot)
         for _ in range(rounds):
-            a = time.perf_counter()
-            kind.prepare(slot)
-            b = time.perf_counter()
-            desc = kind.spawn(slot)
-            c = time.perf_counter()
-            handle = CommandKind.client_handle(desc)
-            assert handle is not None and handle.run("1+1").result == 2  # type: ignore[union-attr]
-            d = time.perf_counter()
-            handle.close()
-            kind.terminate(slot, desc)
-            e = time.perf_counter()
-            kind.clean(slot)
-            f = time.perf_counter()
-            for k, v in (("prepare", b - a), ("spawn", c - b), ("warm", d - c), ("terminate", e - d),
-                         ("clean", f - e), ("cold", f - a)):
+            step = U.kind_cycle(kind, slot, first_result, close_in_first_result=False)
+            step["warm"] = step.pop("first_result")
+            step["cold"] = sum(step.values())
+            for k, v in step.items():
                 t[k].append(v)
     finally:
         kind.clean(slot)
         shutil.rmtree(run_dir, ignore_errors=True)
-    return {k: summary(v) for k, v in t.items()}
+    return {k: U.summary_ms(v) for k, v in t.items()}
 
 
 def main() -> None:
@@ -80,15 +62,11 @@ def main() -> None:
         res = bench(opts, args.rounds)
         ratio = res["cold"]["p50_ms"] / res["warm"]["p50_ms"]
         results[name] = {**res, "cold_over_warm_p50": ratio}
-        print(f"\ncommand ({name}), {args.rounds} rounds, ms")
-        print(f"{'step':<12}{'p50':>9}{'p90':>9}")
-        for step, s in res.items():
-            print(f"{step:<12}{s['p50_ms']:>9.2f}{s['p90_ms']:>9.2f}")
-        print(f"cold / warm p50: {ratio:.0f}x")
+        U.print_tables([U.table(f"command ({name}), {args.rounds} rounds, ms", ["step", "p50", "p90"],
+                                [[step, s["p50_ms"], s["p90_ms"]] for step, s in res.items()],
+                                f"cold / warm p50: {ratio:.0f}x")])  # fmt: skip
     results["notes"] = "spawn excludes prepare; warm = handle creation to run('1+1') result on a spawned instance."
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "kind_command.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    U.write_json("kind_command.json", results)
 
 
 if __name__ == "__main__":

@@ -24,57 +24,25 @@ Usage: PYTHONPATH=. python3 benchmarks/bench_kind_microvm.py [--samples N] [--co
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import platform
 import shutil
-import statistics
-import sys
 import tempfile
 import time
 import uuid
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _util as U
 
 from noodle.kinds import _qemu
 from noodle.kinds.base import PoolInfo
 from noodle.kinds.microvm import MicrovmHandle, MicrovmKind, guest_name
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kind_microvm.json")
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def become_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
-
-
-def reap_orphans() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+RESULTS = os.path.join(U.RESULTS, "kind_microvm.json")
 
 
 def summary(xs: list[float]) -> dict[str, Any]:
-    return {
-        "n": len(xs),
-        "p50_ms": round(statistics.median(xs) * 1000, 2),
-        "p90_ms": round(pct(xs, 0.9) * 1000, 2),
-        "min_ms": round(min(xs) * 1000, 2),
-        "max_ms": round(max(xs) * 1000, 2),
-    }
+    return U.summary_ms(xs, ("n", "p50", "p90", "min", "max"), 2, median=True)
 
 
 def first_result(desc: dict[str, Any]) -> float:
@@ -115,7 +83,7 @@ def cold_boot_job(kind: MicrovmKind, work: str, i: int) -> tuple[float, float]:
         return t_first, time.perf_counter() - t0
     finally:
         _qemu.kill_and_wait(pid, started)
-        reap_orphans()
+        U.reap_orphans()
 
 
 def main() -> None:
@@ -123,7 +91,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=15)
     ap.add_argument("--cold", type=int, default=5)
     args = ap.parse_args()
-    become_subreaper()
+    U.become_subreaper()
     name = f"bmv{uuid.uuid4().hex[:6]}"
     work = tempfile.mkdtemp(prefix="nbmv", dir="/tmp")
     info = PoolInfo(name, 4, work, os.getuid(), os.getgid())
@@ -148,7 +116,7 @@ def main() -> None:
             kind.terminate(ctx, desc)
             restore_job.append(time.perf_counter() - t0)
             kind.clean(ctx)
-            reap_orphans()
+            U.reap_orphans()
         results["restore_spawn_to_ready"] = summary(spawn)
         results["restore_job_to_first_result"] = summary(restore_job_first)
         results["restore_job_total"] = summary(restore_job)
@@ -177,7 +145,7 @@ def main() -> None:
                 acquire.append(first_result(desc))
                 warm_kind.terminate(ctx, desc)
                 warm_kind.clean(ctx)
-                reap_orphans()
+                U.reap_orphans()
             results[f"{label}_acquire_to_first_result"] = summary(acquire)
             if warm_kind is not kind:
                 # spawn() without the warm-up exec: restore + init only.
@@ -186,13 +154,13 @@ def main() -> None:
         for slot in range(4):
             kind.clean(info.slot(slot))
         kind.teardown()
-        reap_orphans()
+        U.reap_orphans()
         shutil.rmtree(work, ignore_errors=True)
 
     p50 = {k: v["p50_ms"] for k, v in results.items()}
 
-    def ratio(a: str, b: str) -> float:
-        return round(p50[a] / p50[b], 1)
+    def ratio(a: str, b: str) -> float | None:
+        return U.ratio(p50[a], p50[b])
 
     ratios = {
         "cold_boot_first_result_over_restore_spawn": ratio("cold_boot_to_first_result", "restore_spawn_to_ready"),
@@ -208,24 +176,21 @@ def main() -> None:
     out = {
         "kind": "microvm",
         "mode": kind.mode,
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "kernel": platform.release()},
+        "host": U.host_info(),
         "memory_mb": kind.options["memory_mb"],
         "setup_seconds": round(setup_s, 3),
         "template_boot_seconds": round(template_boot_s, 3),
         "results": results,
         "ratios_p50": ratios,
     }
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        json.dump(out, f, indent=2)
-        f.write("\n")
+    path = U.write_json(RESULTS, out)
     print(f"microvm kind, mode {kind.mode}, setup {setup_s:.2f} s (template boot {template_boot_s:.2f} s)")
-    print(f"{'measure':44} {'n':>3} {'p50 ms':>9} {'p90 ms':>9}")
-    for key, val in results.items():
-        print(f"{key:44} {val['n']:>3} {val['p50_ms']:>9.1f} {val['p90_ms']:>9.1f}")
-    for key, val in ratios.items():
-        print(f"{key:54} {val:>6}x")
-    print(f"wrote {RESULTS}")
+    U.print_tables([
+        U.table("microvm kind, ms", ["measure", "n", "p50", "p90"],
+                [[k, v["n"], v["p50_ms"], v["p90_ms"]] for k, v in results.items()]),
+        U.table("microvm kind, p50 ratios", ["ratio", "x"], [[k, v] for k, v in ratios.items()]),
+    ])  # fmt: skip
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

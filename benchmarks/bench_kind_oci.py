@@ -22,37 +22,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import json
 import os
-import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 import uuid
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _util as U
 
 from noodle.kinds.base import PoolInfo
 from noodle.kinds.oci import RUNTIMES, OciKind, leftovers
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kind_oci.json")
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def become_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+RESULTS = os.path.join(U.RESULTS, "kind_oci.json")
 
 
 def run_as_worker(fn: Any) -> int:
     """Run ``fn`` in a forked worker while this process, a subreaper like
     the supervisor, reaps the worker and every orphan it leaves."""
-    become_subreaper()
+    U.become_subreaper()
     worker = os.fork()
     if worker == 0:
         code = 1
@@ -65,26 +54,30 @@ def run_as_worker(fn: Any) -> int:
         if pid == worker:
             code = os.waitstatus_to_exitcode(status)
             break
-    # Orphans of the last steps, if any.
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
+    U.reap_orphans()  # orphans of the last steps, if any
     return code
 
 
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+def first_result(handle: Any) -> None:
+    assert handle.run("1+1").result == 2
 
 
-def stats(values: list[float]) -> dict[str, float]:
-    ms = [v * 1000 for v in values]
-    return {
-        "p50_ms": round(pct(ms, 0.5), 3),
-        "p90_ms": round(pct(ms, 0.9), 3),
-        "mean_ms": round(statistics.fmean(ms), 3),
-        "n": len(ms),
-    }
+def warm_sample(kind: OciKind, slot: Any, health: bool) -> float:
+    """A container already up and idle when the job comes: connect (after
+    the agent ping get() may run, if ``health``) to first result, seconds."""
+    kind.prepare(slot)
+    desc = kind.spawn(slot)
+    time.sleep(0.05)  # let it settle, as it would waiting in the ring
+    w0 = time.perf_counter()
+    if health:
+        assert OciKind.client_health(desc, 5.0)
+    handle = OciKind.client_handle(desc)
+    first_result(handle)
+    w1 = time.perf_counter()
+    handle.close()
+    kind.terminate(slot, desc)
+    kind.clean(slot)
+    return w1 - w0
 
 
 def bench_runtime(runtime: str, samples: int) -> dict[str, Any]:
@@ -105,52 +98,14 @@ def bench_runtime(runtime: str, samples: int) -> dict[str, Any]:
         kind.clean(slot)
         for _ in range(samples):
             # Cold: everything a job without a pool waits for.
-            t0 = time.perf_counter()
-            kind.prepare(slot)
-            t1 = time.perf_counter()
-            desc = kind.spawn(slot)
-            t2 = time.perf_counter()
-            handle = OciKind.client_handle(desc)
-            assert handle.run("1+1").result == 2
-            handle.close()
-            t3 = time.perf_counter()
-            kind.terminate(slot, desc)
-            t4 = time.perf_counter()
-            kind.clean(slot)
-            t5 = time.perf_counter()
-            t["prepare"].append(t1 - t0)
-            t["spawn"].append(t2 - t1)
-            t["first_result_cold"].append(t3 - t2)
-            t["terminate"].append(t4 - t3)
-            t["clean"].append(t5 - t4)
-            t["cold"].append(t4 - t0)
-
-            # Warm: the container is already up and idle when the job comes.
-            kind.prepare(slot)
-            desc = kind.spawn(slot)
-            time.sleep(0.05)  # let it settle, as it would waiting in the ring
-            w0 = time.perf_counter()
-            handle = OciKind.client_handle(desc)
-            assert handle.run("1+1").result == 2
-            w1 = time.perf_counter()
-            handle.close()
-            t["warm"].append(w1 - w0)
-            kind.terminate(slot, desc)
-            kind.clean(slot)
-
+            step = U.kind_cycle(kind, slot, first_result)
+            step["first_result_cold"] = step.pop("first_result")
+            step["cold"] = step["prepare"] + step["spawn"] + step["first_result_cold"] + step["terminate"]
+            for k, v in step.items():
+                t[k].append(v)
+            t["warm"].append(warm_sample(kind, slot, health=False))
             # Warm with the optional health ping get() may run first.
-            kind.prepare(slot)
-            desc = kind.spawn(slot)
-            time.sleep(0.05)
-            w0 = time.perf_counter()
-            assert OciKind.client_health(desc, 5.0)
-            handle = OciKind.client_handle(desc)
-            assert handle.run("1+1").result == 2
-            w1 = time.perf_counter()
-            handle.close()
-            t["warm_health"].append(w1 - w0)
-            kind.terminate(slot, desc)
-            kind.clean(slot)
+            t["warm_health"].append(warm_sample(kind, slot, health=True))
     finally:
         with contextlib.suppress(Exception):
             kind.clean(slot)
@@ -158,7 +113,7 @@ def bench_runtime(runtime: str, samples: int) -> dict[str, Any]:
         shutil.rmtree(run_dir, ignore_errors=True)
     if left:
         raise RuntimeError(f"{runtime}: left behind {left}")
-    out = {k: stats(v) for k, v in t.items()}
+    out: dict[str, Any] = {k: U.summary_ms(v, ("p50", "p90", "mean", "n"), 3) for k, v in t.items()}
     out["cold_over_warm_p50"] = round(out["cold"]["p50_ms"] / out["warm"]["p50_ms"], 1)
     out["cold_over_warm_health_p50"] = round(out["cold"]["p50_ms"] / out["warm_health"]["p50_ms"], 1)
     return out
@@ -191,19 +146,19 @@ def bench(args: argparse.Namespace) -> int:
         ("terminate", "terminate"),
         ("clean", "clean"),
     ]
-    head = f"{'runtime':8}" + "".join(f"{label:>22}" for _, label in cols) + f"{'cold/warm':>11}"
-    print(head)
-    print(f"{'':8}" + "".join(f"{'p50 / p90 ms':>22}" for _ in cols))
+    rows = []
     for rt, r in results.items():
         if "skipped" in r:
-            print(f"{rt:8}  skipped: {r['skipped']}")
+            rows.append([rt, f"skipped: {r['skipped']}"] + [""] * len(cols))
             continue
-        cells = "".join(f"{r[k]['p50_ms']:>12.1f} / {r[k]['p90_ms']:<7.1f}" for k, _ in cols)
-        print(f"{rt:8}{cells}{r['cold_over_warm_p50']:>10.0f}x")
+        rows.append([rt] + [f"{U.fmt(r[k]['p50_ms'])} / {U.fmt(r[k]['p90_ms'])}" for k, _ in cols]
+                    + [f"{r['cold_over_warm_p50']:.0f}x"])  # fmt: skip
+    U.print_tables([U.table("oci kind, ms (p50 / p90)", ["runtime", *(label for _, label in cols), "cold/warm"],
+                            rows)])  # fmt: skip
 
     doc = {
         "benchmark": "kind_oci",
-        "host": {"machine": platform.machine(), "kernel": platform.release(), "cpus": os.cpu_count()},
+        "host": U.host_info(),
         "samples": args.samples,
         "seconds": round(time.time() - started, 1),
         "notes": (
@@ -213,11 +168,8 @@ def bench(args: argparse.Namespace) -> int:
         ),
         "runtimes": results,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
-    print(f"wrote {args.out} in {doc['seconds']} s", file=sys.stderr)
+    out = U.write_json(args.out, doc)
+    print(f"wrote {out} in {doc['seconds']} s", file=sys.stderr)
     return 0
 
 

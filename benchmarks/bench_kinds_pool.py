@@ -22,53 +22,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import json
 import os
 import shutil
-import statistics
-import sys
 import tempfile
 import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, REPO)
+import _util as U  # puts the checkout on sys.path, for tests/
 
-from noodle.kinds import load_kind  # noqa: E402
-from noodle.kinds.base import PoolInfo  # noqa: E402
-from tests.conftest import Supervisor, assert_nothing_left, wait_full  # noqa: E402
-from tests.kinds.test_pool_kinds import CASES, KindCase, unavailable  # noqa: E402
+from noodle.kinds import load_kind
+from noodle.kinds.base import PoolInfo
+from tests.conftest import Supervisor, assert_nothing_left, wait_full
+from tests.kinds.test_pool_kinds import CASES, KindCase, unavailable
 
-PR_SET_CHILD_SUBREAPER = 36
 # samples per kind: (warm, cold); microvm and runsc are slow, so few
 SAMPLES = {"microvm": (6, 3), "oci-runsc": (10, 4)}
 DEFAULT_SAMPLES = (30, 12)
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
-
-
-def summary(xs: list[float]) -> dict[str, float]:
-    return {
-        "n": len(xs),
-        "p50_ms": pct(xs, 50) * 1e3,
-        "p90_ms": pct(xs, 90) * 1e3,
-        "mean_ms": statistics.fmean(xs) * 1e3,
-    }
-
-
-def reap() -> None:
-    """Collect orphaned instance processes if we are their subreaper
-    (--subreaper); else init does."""
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
+STATS = ("n", "p50", "p90", "mean")
 
 
 def first_result(case: KindCase, handle: Any) -> None:
@@ -118,9 +90,9 @@ def bench_warm(case: KindCase, n: int) -> dict[str, Any]:
         shutil.rmtree(run_root, ignore_errors=True)
     assert code == 0, f"supervisor exited {code}"
     return {
-        "acquire_to_result": summary(acquire),
-        "get": summary(get_only),
-        "refill": summary(refill),
+        "acquire_to_result": U.summary_ms(acquire, STATS),
+        "get": U.summary_ms(get_only, STATS),
+        "refill": U.summary_ms(refill, STATS),
         "startup_s": startup,
         "pool_latency_us": stats.get("latency_us"),
     }
@@ -138,41 +110,26 @@ def bench_cold(case: KindCase, n: int) -> dict[str, Any]:
     slot = kind.pool.slot(0)
     cycle: list[float] = []
     to_result: list[float] = []
-    steps: dict[str, list[float]] = {k: [] for k in ("prepare", "spawn", "first_result", "terminate", "clean")}
+    steps: dict[str, list[float]] = {k: [] for k in U.KIND_STEPS}
     try:
         kind.clean(slot)
         for _ in range(n):
-            a = time.perf_counter()
-            kind.prepare(slot)
-            b = time.perf_counter()
-            desc = kind.spawn(slot)
-            c = time.perf_counter()
-            handle = kind_cls.client_handle(desc)
-            try:
-                first_result(case, handle)
-            finally:
-                if hasattr(handle, "close"):
-                    handle.close()
-            d = time.perf_counter()
-            kind.terminate(slot, desc)
-            e = time.perf_counter()
-            kind.clean(slot)
-            f = time.perf_counter()
-            reap()
-            for key, v in zip(steps, (b - a, c - b, d - c, e - d, f - e), strict=True):
+            step = U.kind_cycle(kind, slot, lambda handle: first_result(case, handle))
+            U.reap_orphans()
+            for key, v in step.items():
                 steps[key].append(v)
-            to_result.append(d - a)
-            cycle.append(f - a)
+            to_result.append(step["prepare"] + step["spawn"] + step["first_result"])
+            cycle.append(sum(step.values()))
     finally:
         with contextlib.suppress(Exception):
             kind.clean(slot)
         kind.teardown()
-        reap()
+        U.reap_orphans()
         shutil.rmtree(run_dir, ignore_errors=True)
     return {
-        "cycle": summary(cycle),
-        "to_result": summary(to_result),
-        "steps": {k: summary(v) for k, v in steps.items()},
+        "cycle": U.summary_ms(cycle, STATS),
+        "to_result": U.summary_ms(to_result, STATS),
+        "steps": {k: U.summary_ms(v, STATS) for k, v in steps.items()},
         "setup_s": setup_s,
     }
 
@@ -187,7 +144,7 @@ def main() -> None:
         # off by default: then this process must reap the orphaned sandboxes
         # itself, between steps, and runsc's delete waits ~5 s for a zombie
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
+            U.become_subreaper()
     wanted = set(args.kinds.split(",")) if args.kinds else None
     results: dict[str, Any] = {"cpus": os.cpu_count(), "pool_size": 2, "subreaper": args.subreaper, "kinds": {},
                                "skipped": {}}
@@ -225,23 +182,18 @@ def main() -> None:
         "to_result = prepare+spawn+first result. kind.setup() (microvm: template boot) is excluded from cold. "
         "microvm runs QEMU in TCG (no usable KVM here)."
     )
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "kinds_pool.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    U.write_json("kinds_pool.json", results)
 
-    print(f"\npool of 2, {os.cpu_count()} cpus, ms (p50 / p90)")
-    head = ["kind", "warm get+result", "get", "cold to result", "cold cycle", "cycle/warm p50", "refill"]
-    print(f"{head[0]:<14}{head[1]:>20}{head[2]:>16}{head[3]:>20}{head[4]:>20}{head[5]:>16}{head[6]:>18}")
-    for cid, r in results["kinds"].items():
-        w, c = r["warm"], r["cold"]
+    def pair(s: dict[str, float]) -> str:
+        return f"{U.fmt(s['p50_ms'])} / {U.fmt(s['p90_ms'])}"
 
-        def pair(s: dict[str, float]) -> str:
-            return f"{s['p50_ms']:.2f} / {s['p90_ms']:.2f}"
-
-        print(f"{cid:<14}{pair(w['acquire_to_result']):>20}{pair(w['get']):>16}{pair(c['to_result']):>20}"
-              f"{pair(c['cycle']):>20}{r['ratio_cycle_over_warm']['p50']:>15.0f}x{pair(w['refill']):>18}")  # fmt: skip
-    for cid, why in results["skipped"].items():
-        print(f"{cid:<14}skipped: {why}")
+    rows = [[cid, pair(r["warm"]["acquire_to_result"]), pair(r["warm"]["get"]), pair(r["cold"]["to_result"]),
+             pair(r["cold"]["cycle"]), f"{r['ratio_cycle_over_warm']['p50']:.0f}x", pair(r["warm"]["refill"])]
+            for cid, r in results["kinds"].items()]  # fmt: skip
+    rows += [[cid, f"skipped: {why}", "", "", "", "", ""] for cid, why in results["skipped"].items()]
+    U.print_tables([U.table(f"pool of 2, {os.cpu_count()} cpus, ms (p50 / p90)",
+                            ["kind", "warm get+result", "get", "cold to result", "cold cycle", "cycle/warm p50",
+                             "refill"], rows)])  # fmt: skip
     print(f"total {results['total_seconds']:.0f} s")
 
 

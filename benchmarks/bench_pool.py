@@ -71,20 +71,27 @@ POLL_S = 0.0001  # traced cycles: poll the state word every 100 us (a busy poll 
 # ---- (a) jobs ----------------------------------------------------------------------------
 
 
+def timed_job(pool: Any) -> tuple[Any, int, int, int]:
+    """get + call of one job: (lease, t0, t1 after get, t2 after call), monotonic ns."""
+    mono = time.monotonic_ns
+    t0 = mono()
+    lease = pool.get(timeout=60)
+    t1 = mono()
+    r = lease.instance.call("math:factorial", 20)
+    t2 = mono()
+    if r != EXPECT:
+        lease.release()
+        raise RuntimeError(f"factorial(20) returned {r!r}")
+    return lease, t0, t1, t2
+
+
 def pool_jobs(pool: Any, n: int) -> tuple[list[int], list[tuple[int, int, int]]]:
     """n sequential jobs; per job total ns and (get, call, release) ns."""
-    mono = time.monotonic_ns
     tot, parts = [], []
     for _ in range(n):
-        t0 = mono()
-        lease = pool.get(timeout=60)
-        t1 = mono()
-        r = lease.instance.call("math:factorial", 20)
-        t2 = mono()
+        lease, t0, t1, t2 = timed_job(pool)
         lease.release()
-        t3 = mono()
-        if r != EXPECT:
-            raise RuntimeError(f"factorial(20) returned {r!r}")
+        t3 = time.monotonic_ns()
         tot.append(t3 - t0)
         parts.append((t1 - t0, t2 - t1, t3 - t2))
     return tot, parts
@@ -93,18 +100,11 @@ def pool_jobs(pool: Any, n: int) -> tuple[list[int], list[tuple[int, int, int]]]
 def pool_jobs_held(pool: Any, n: int) -> tuple[list[int], list[tuple[int, int, int]]]:
     """n jobs whose leases are all released only at the end, so no refill
     runs while they are timed: get + call per job (release not timed)."""
-    mono = time.monotonic_ns
     tot, parts, leases = [], [], []
     try:
         for _ in range(n):
-            t0 = mono()
-            lease = pool.get(timeout=60)
-            t1 = mono()
-            r = lease.instance.call("math:factorial", 20)
-            t2 = mono()
+            lease, t0, t1, t2 = timed_job(pool)
             leases.append(lease)
-            if r != EXPECT:
-                raise RuntimeError(f"factorial(20) returned {r!r}")
             tot.append(t2 - t0)
             parts.append((t1 - t0, t2 - t1, 0))
     finally:
@@ -140,11 +140,7 @@ def pool_concurrent(name: str, clients: int, per: int) -> dict[str, Any]:
         start.set()
         res = []
         for a in pipes:
-            if not a.poll(300):
-                raise RuntimeError("a pool client timed out")
-            r = a.recv()
-            if "error" in r:
-                raise RuntimeError(f"pool client failed:\n{r['error']}")
+            r = U.child_result(a, 300, "a pool client")
             res.append(r)
         for p in procs:
             p.join(10)
@@ -619,12 +615,7 @@ def main() -> int:
     t_sum = U.table("Summary", ["measure", "value", "unit"], summary_rows)
 
     doc = {
-        "benchmark": "pool",
-        "machine": info,
-        "loadavg_end": U.loadavg(),
-        "seconds": round(time.monotonic() - t_start, 1),
-        "quick": q,
-        "method": __doc__,
+        **U.doc_head("pool", info, t_start, q, __doc__),
         "pool_size": size,
         "workers_per_stage": args.workers,
         "python3": PYTHON3,
@@ -638,13 +629,11 @@ def main() -> int:
         "stop": stop_info,
         "tables": [t_sum, t_jobs, t_parts, t_refill, t_cycle],
     }
-    path = U.write_json(args.out, doc)
-    U.print_tables(doc["tables"])
+    U.publish(args.out, doc)
     for which, st in stop_info.items():
         if st.get("exit_code") != 0 or st.get("log_errors"):
             print(f"\nWARNING: supervisor of the {which} pool: exit {st.get('exit_code')}, "
                   f"{st.get('log_error_count', 0)} ERROR lines, e.g. {st.get('log_errors', [''])[0]}")  # fmt: skip
-    print(f"\nwrote {path} in {doc['seconds']} s (load {info['loadavg']} -> {doc['loadavg_end']})")
     return 0
 
 

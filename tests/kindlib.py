@@ -31,6 +31,7 @@ class MisbehavingKind(ProcessKind):
         "random_failure_rate": ((int, float), 0.0),
         "random_hang_rate": ((int, float), 0.0),
         "step_delay": ((int, float), 0.0),  # every step sleeps this long (so kills land inside steps)
+        "overlap_dir": (str, ""),  # record the most steps seen running at once (in overlap_dir/max)
     }
 
     def _counter(self, slot: SlotContext, name: str) -> int:
@@ -42,7 +43,9 @@ class MisbehavingKind(ProcessKind):
 
     def _misbehave(self, step: str, slot: SlotContext) -> None:
         o = self.options
-        if o["step_delay"]:
+        if o["overlap_dir"]:
+            self._record_overlap(o["overlap_dir"], o["step_delay"])
+        elif o["step_delay"]:
             time.sleep(o["step_delay"])
         if o["kill_self_step"] == step and o["kill_self_once_file"]:
             try:
@@ -68,6 +71,20 @@ class MisbehavingKind(ProcessKind):
             raise StepFailed(f"{step} failed at random (test kind)")
         if o["random_hang_rate"] and random.random() < o["random_hang_rate"]:
             time.sleep(3600)
+
+    @staticmethod
+    def _record_overlap(d: str, delay: float) -> None:
+        mine = os.path.join(d, f"running-{os.getpid()}")
+        open(mine, "w").close()
+        try:
+            running = sum(1 for n in os.listdir(d) if n.startswith("running-"))
+            path = os.path.join(d, f"max-{os.getpid()}")
+            best = int(open(path).read()) if os.path.exists(path) else 0
+            with open(path, "w") as f:
+                f.write(str(max(best, running)))
+            time.sleep(delay)
+        finally:
+            os.unlink(mine)
 
     def clean(self, slot: SlotContext) -> None:
         super().clean(slot)

@@ -15,7 +15,7 @@ import pytest
 
 import noodle
 from noodle.procs import is_alive
-from tests.conftest import REPO, pool_processes, wait_for, wait_full, zombies_of
+from tests.conftest import REPO, assert_nothing_left, pool_processes, wait_for, wait_full, zombies_of
 
 pytestmark = pytest.mark.timeout(240)
 MK = "tests.kindlib:MisbehavingKind"
@@ -231,6 +231,31 @@ def test_check_health_refuses_to_start_naming_the_step(supervisor) -> None:
     sup = supervisor("--pool-size", "2", "--check-health", config=kind_config(fail_always="spawn"))
     assert sup.proc.wait(60) == 1
     assert "check_health: step 'spawn' failed" in sup.logtext()
+
+
+def test_max_concurrency_bounds_steps_running_at_once(supervisor, run_root: str) -> None:
+    """8 workers but max_concurrency 2: never more than 2 steps at once,
+    while without the bound the same workers overlap more."""
+    seen = {}
+    for limit in (2, 0):
+        d = Path(run_root) / f"overlap{limit}"
+        d.mkdir()
+        sup = supervisor("--pool-size", "6", "--workers", "2", "--max-concurrency", str(limit),
+                         config=kind_config(overlap_dir=str(d), step_delay=0.1),
+                         name=f"{Path(run_root).name}c{limit}")  # fmt: skip
+        pool = sup.attach()
+        wait_full(pool, timeout=120)
+        for _ in range(2):  # churn so all four stages run together
+            leases = [pool.get(timeout=30) for _ in range(6)]
+            for lease in leases:
+                lease.release()
+            wait_full(pool, timeout=120)
+        seen[limit] = max(int(p.read_text()) for p in d.glob("max-*"))
+        pool.close()
+        assert sup.stop() == 0
+        assert_nothing_left(sup.name)
+    assert seen[2] <= 2
+    assert seen[0] > 2
 
 
 def test_check_health_passes_for_a_good_kind(supervisor) -> None:

@@ -228,7 +228,9 @@ class JailKind(Kind):
         os.chown(d, 0, self.pool.gid)
         os.chmod(d, mode)
         for sub in ("upper", "work", "root"):
-            os.makedirs(os.path.join(d, sub), mode=0o755, exist_ok=True)
+            # explicit modes: the supervisor's umask (007) must not make the
+            # sandbox's / (the upper dir's mode) unsearchable for the slot uid
+            _makedirs(os.path.join(d, sub), 0o755)
         sock = os.path.join(d, "sock")
         os.makedirs(sock, exist_ok=True)
         # setgid: the agent's socket inherits the pool's group, so clients in
@@ -258,13 +260,14 @@ class JailKind(Kind):
         for path in self.options["ro_binds"]:
             (dirs if os.path.isdir(path) else files).append(path)
         for d in dirs:
-            os.makedirs(os.path.join(root, d.lstrip("/")), exist_ok=True)
+            _makedirs(os.path.join(root, d.lstrip("/")), 0o755)
         for f in files:
             target = os.path.join(root, f.lstrip("/"))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
+            _makedirs(os.path.dirname(target), 0o755)
             if not os.path.exists(target):
                 with open(target, "ab"):
                     pass
+                os.chmod(target, 0o644)
 
     def spawn(self, slot: SlotContext) -> dict[str, Any]:
         self._ensure_setup()
@@ -513,9 +516,6 @@ def build_skeleton(dest: str) -> None:
     for d in ("usr", "etc", "tmp", "var/tmp", "proc", "dev", "sys", "run/noodle", "opt/python", "opt/noodle",
               "home/sandbox", "root"):
         os.makedirs(os.path.join(tmp, d), exist_ok=True)
-    os.chmod(tmp, 0o755)  # noqa: S103 - a root filesystem must be world-readable
-    for d, mode in (("tmp", 0o1777), ("var/tmp", 0o1777), ("root", 0o700), ("home/sandbox", 0o777)):
-        os.chmod(os.path.join(tmp, d), mode)
     for d in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         host = "/" + d
         if os.path.islink(host):
@@ -532,8 +532,35 @@ def build_skeleton(dest: str) -> None:
     for rel, text in files.items():
         with open(os.path.join(tmp, rel), "w", encoding="utf-8") as f:
             f.write(text)
+    # Explicit modes, whatever the umask (the supervisor's is 007): a root
+    # filesystem must be readable by the slot uid. os.walk lists symlinks
+    # to directories but does not enter them, and they are never chmodded.
+    for dirpath, _dirs, names in os.walk(tmp):
+        os.chmod(dirpath, 0o755)  # noqa: S103 - see above
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o644)
+    for d, mode in (("tmp", 0o1777), ("var/tmp", 0o1777), ("root", 0o700), ("home/sandbox", 0o777)):
+        os.chmod(os.path.join(tmp, d), mode)
     shutil.rmtree(dest, ignore_errors=True)
     os.rename(tmp, dest)
+
+
+def _makedirs(path: str, mode: int) -> None:
+    """os.makedirs, with ``mode`` set on every directory it creates whatever
+    the process umask; existing ones (a lower layer's /tmp) keep theirs."""
+    missing = []
+    cur = os.path.abspath(path)
+    while not os.path.isdir(cur):
+        missing.append(cur)
+        parent = os.path.dirname(cur)
+        if parent == cur:
+            break
+        cur = parent
+    os.makedirs(path, exist_ok=True)
+    for d in missing:
+        os.chmod(d, mode)
 
 
 # -- process plumbing ------------------------------------------------------------

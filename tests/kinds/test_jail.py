@@ -24,7 +24,7 @@ from noodle.errors import ConfigError, KindUnavailable
 from noodle.kinds._cgroup import detect, pid_start_time
 from noodle.kinds._mounts import mountinfo
 from noodle.kinds.base import PoolInfo, SlotContext
-from noodle.kinds.jail import JailKind
+from noodle.kinds.jail import JailKind, build_skeleton
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -431,6 +431,27 @@ def test_client_health_checks_the_launcher(jails: Jails) -> None:
     assert tree and not _alive(tree), f"processes of a terminated jail alive: {_alive(tree)}"
     kind.clean(slot)
     assert leftovers(kind, slot) == []
+
+
+@needs_jail
+@pytest.mark.timeout(120)
+def test_jail_works_under_a_strict_umask(jails: Jails, tmp_path: Any) -> None:
+    """The supervisor runs with umask 007; the directories prepare makes
+    (the upper layer, which is the sandbox's /, and mount points) and the
+    skeleton rootfs must still be usable by the slot uid."""
+    old = os.umask(0o077)
+    try:
+        kind = jails.kind()
+        slot, desc = up(kind)
+        root_mode, tmp_mode = run(desc, "import os; (os.stat('/').st_mode & 0o7777, os.stat('/tmp').st_mode & 0o7777)")
+        assert (root_mode, tmp_mode) == (0o755, 0o1777)
+        kind.terminate(slot, desc)
+        skel = str(tmp_path / "skel")
+        build_skeleton(skel)
+    finally:
+        os.umask(old)
+    modes = {rel: os.stat(os.path.join(skel, rel)).st_mode & 0o7777 for rel in ("", "etc", "etc/passwd", "tmp", "usr")}
+    assert modes == {"": 0o755, "etc": 0o755, "etc/passwd": 0o644, "tmp": 0o1777, "usr": 0o755}, modes
 
 
 @needs_jail
