@@ -104,6 +104,7 @@ class Supervisor:
         self.restart_times: list[float] = []
         self._last: dict[str, float] = {}
         self._missing_ready: dict[int, int] = {}
+        self._idle_owned: dict[int, int] = {}
         self._stuck_waiter: tuple[int, float] | None = None
         self._lease_starts: dict[int, tuple[int, int, float]] = {}  # slot -> (word, start, first seen)
 
@@ -346,19 +347,31 @@ class Supervisor:
     def free_foreign_owners(self) -> None:
         """A stage state owned by a pid that is none of our workers (a
         damaged word, or a death we missed) would wait for ever: free it.
+        So would one owned by a live worker that is not in a step (a damaged
+        generation made the worker's final CAS fail); that one is freed when
+        seen twice, since a worker claims a slot just before its step starts.
         Ready and abandoned slots have no owner at all."""
         assert self.seg is not None
         if not self.every("owners", 1.0):
             return
+        idle_owned: dict[int, int] = {}
         for slot, word in enumerate(self.seg.states()):
             st, pid = L.word_state(word), L.word_pid(word)
-            if pid == 0 or st == L.State.LEASED or pid in self.workers:
+            if pid == 0 or st == L.State.LEASED:
                 continue
+            w = self.workers.get(pid)
+            if w is not None:
+                if self.table[w.index * FIELDS_PER_WORKER + STEP_STARTED]:
+                    continue  # in its step: murder_stuck_workers watches it
+                if self._idle_owned.get(slot) != word:
+                    idle_owned[slot] = word
+                    continue
             if st in STAGE_OF or st in (L.State.READY, L.State.ABANDONED):
                 if self.seg.core.cas(slot, word, L.make_word(st, L.word_gen(word), 0)):
                     self.seg.count("corruption_repairs")
-                    log.error("slot %d: owner pid %d is not one of our workers; freed (%s)",
+                    log.error("slot %d: owner pid %d is not a worker in a step; freed (%s)",
                               slot, pid, L.describe_word(word))  # fmt: skip
+        self._idle_owned = idle_owned
 
     def top_up_workers(self) -> None:
         if self.done or self.fatal:
