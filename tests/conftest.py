@@ -41,6 +41,32 @@ def pool_processes(name: str) -> list[tuple[int, str]]:
     return out
 
 
+def process_parents(include_zombies: bool = True) -> dict[int, list[int]]:
+    """ppid -> child pids, one pass over /proc (for process-tree checks)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if include_zombies or fields[0] != b"Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    return children
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below ``root``, zombies included."""
+    children = process_parents()
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def pool_names_left(name: str) -> list[str]:
     left = []
     if os.path.exists(f"/dev/shm/noodle.{name}"):

@@ -218,17 +218,9 @@ def test_descriptor_too_large(kinds: Kinds) -> None:
 
 
 def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    rest = f.read().rsplit(b")", 1)[1].split()
-            except OSError:
-                continue
-            if int(rest[1]) == pid and rest[0] != b"Z":
-                out.append(int(entry))
-    return out
+    from tests.conftest import process_parents
+
+    return process_parents(include_zombies=False).get(pid, [])
 
 
 def _sid(pid: int) -> int:

@@ -304,23 +304,9 @@ def test_clean_after_crash_without_terminate(jails: Jails) -> None:
 
 def _tree(root: int) -> dict[int, int]:
     """Live descendants of ``root`` (pid -> start time)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    rest = f.read().rsplit(b")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(rest[1]), []).append(int(entry))
-    out: dict[int, int] = {}
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if (start := pid_start_time(child)) is not None:
-                out[child] = start
-            todo.append(child)
-    return out
+    from tests.conftest import descendants
+
+    return {p: s for p in descendants(root) if (s := pid_start_time(p)) is not None}
 
 
 def _alive(procs: dict[int, int]) -> list[int]:
