@@ -69,7 +69,7 @@ def test_release_is_idempotent_and_context_manager_releases(supervisor) -> None:
     assert lease.release() is False
     with pytest.raises(noodle.LeaseReleased):
         lease.instance
-    with pytest.raises(ZeroDivisionError.__mro__[1]):  # any exception in the block still releases
+    with pytest.raises(ArithmeticError):  # any exception in the block still releases
         with pool.get() as lease2:
             raise ArithmeticError("boom")
     assert lease2.released
