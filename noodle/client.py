@@ -19,8 +19,6 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-import msgpack
-
 from noodle import layout as L
 from noodle import queues
 from noodle.errors import (
@@ -36,7 +34,7 @@ from noodle.errors import (
 )
 from noodle.kinds import Kind, load_kind
 from noodle.procs import is_alive
-from noodle.segment import Segment
+from noodle.segment import Segment, decode_descriptor
 
 log = logging.getLogger("noodle.client")
 
@@ -45,18 +43,6 @@ _UNSET: Any = object()
 _PID = [os.getpid()]
 os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 HEARTBEAT_STALE = 2.0  # seconds
-
-
-def decode_descriptor(raw: bytes) -> dict[str, Any]:
-    if not raw:
-        return {}
-    try:
-        value = msgpack.unpackb(raw, strict_map_key=False)
-    except Exception as exc:  # noqa: BLE001 - msgpack raises many types on garbage
-        raise PoolCorrupt(f"descriptor is not msgpack: {exc}") from None
-    if not isinstance(value, dict):
-        raise PoolCorrupt(f"descriptor is not a map: {type(value).__name__}")
-    return value
 
 
 class Lease:

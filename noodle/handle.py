@@ -93,6 +93,16 @@ class AgentHandle:
             )
         return reply
 
+    @classmethod
+    def probe(cls, socket_path: str, timeout: float) -> bool:
+        """One ping on a fresh connection, always closed: agents serve one
+        connection at a time, so a kept-open one would block the holder."""
+        handle = cls(socket_path, timeout=timeout)
+        try:
+            return handle.ping(timeout)
+        finally:
+            handle.close()
+
     def ping(self, timeout: float | None = None) -> bool:
         try:
             return bool(self.request({"op": "ping"}, timeout).get("ok"))

@@ -12,9 +12,7 @@ import contextlib
 import fcntl
 import logging
 import os
-from typing import Any
 
-import msgpack
 import posix_ipc
 
 from noodle import layout as L
@@ -83,7 +81,7 @@ def recover_stale(pool: str, kind: Kind, pool_size: int) -> int:
         old_size = seg.pool_size
         for slot, word in enumerate(seg.states()):
             if L.word_state(word) in (L.State.READY, L.State.LEASED, L.State.TERMINATE, L.State.SPAWN):
-                desc = read_descriptor(seg, slot)
+                desc = seg.descriptor(slot)
                 if desc:
                     try:
                         kind.terminate(kind.pool.slot(slot), desc)
@@ -102,12 +100,3 @@ def recover_stale(pool: str, kind: Kind, pool_size: int) -> int:
         except Exception as exc:  # noqa: BLE001 - the slot's own clean stage will retry
             log.warning("slot %d: cleaning after the crash failed: %s", slot, exc)
     return stopped
-
-
-def read_descriptor(seg: Segment, slot: int) -> dict[str, Any]:
-    try:
-        raw = seg.descriptor_bytes(slot)
-        value = msgpack.unpackb(raw, strict_map_key=False) if raw else {}
-    except Exception:  # noqa: BLE001 - a corrupt record just gets cleaned blind
-        return {}
-    return value if isinstance(value, dict) else {}

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import posix_ipc
 
 from noodle import layout as L
@@ -299,6 +300,15 @@ class Segment:
         start = off + L.R_DESCRIPTOR
         return self._mm[start : start + n]
 
+    def descriptor(self, slot: int) -> dict[str, Any]:
+        """The slot's descriptor, or {} when it is missing or garbage: for
+        steps that must go on regardless (terminate, crash recovery), where
+        clean then sweeps by slot."""
+        try:
+            return decode_descriptor(self.descriptor_bytes(slot))
+        except PoolCorrupt:
+            return {}
+
     def publish(self, slot: int, expected_word: int, descriptor: bytes) -> L.Status:
         if len(descriptor) > self._desc_cap:
             raise DescriptorTooLarge(f"descriptor of {len(descriptor)} bytes exceeds descriptor_size {self._desc_cap}")
@@ -359,6 +369,19 @@ class Segment:
         if invalid:
             out["invalid_states"] = invalid
         return out
+
+
+def decode_descriptor(raw: bytes) -> dict[str, Any]:
+    """Decode a slot's msgpack descriptor; PoolCorrupt if it is not a map."""
+    if not raw:
+        return {}
+    try:
+        value = msgpack.unpackb(raw, strict_map_key=False)
+    except Exception as exc:  # noqa: BLE001 - msgpack raises many types on garbage
+        raise PoolCorrupt(f"descriptor is not msgpack: {exc}") from None
+    if not isinstance(value, dict):
+        raise PoolCorrupt(f"descriptor is not a map: {type(value).__name__}")
+    return value
 
 
 def validate_header(raw: bytes, size: int, pool: str) -> L.Header:

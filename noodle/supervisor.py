@@ -47,7 +47,7 @@ from noodle.healthcheck import run_cycle
 from noodle.integrity import IntegrityChecker
 from noodle.kinds import Kind, PoolInfo, load_kind
 from noodle.procs import descendants_of, is_alive, start_time
-from noodle.recovery import PoolLock, read_descriptor, recover_stale
+from noodle.recovery import PoolLock, recover_stale
 from noodle.segment import Segment
 from noodle.systemd import Notifier
 from workers import WORKER_BOOT_ERROR
@@ -619,7 +619,7 @@ class Supervisor:
                 # anything not cleaned by a worker is stopped and cleaned here
                 try:
                     if st in (L.State.READY, L.State.LEASED, L.State.TERMINATE, L.State.SPAWN):
-                        desc = read_descriptor(seg, slot)
+                        desc = seg.descriptor(slot)
                         if desc:
                             self.kind.terminate(self.info.slot(slot), desc)
                     self.kind.clean(self.info.slot(slot))

@@ -162,7 +162,7 @@ class Worker:
                 elif self.stage == "spawn":
                     descriptor = self.kind.spawn(ctx)
                 else:
-                    self.kind.terminate(ctx, self.read_descriptor(slot))
+                    self.kind.terminate(ctx, self.seg.descriptor(slot))
         except BaseException as exc:  # a kind may raise anything, SystemExit too
             if isinstance(exc, KeyboardInterrupt):
                 raise
@@ -180,16 +180,6 @@ class Worker:
             self.move(slot, mine, L.make_word(L.State.SPAWN, gen, 0), "spawn")
         else:
             self.move(slot, mine, L.make_word(L.State.CLEAN, gen, 0), "clean")
-
-    def read_descriptor(self, slot: int) -> dict[str, Any]:
-        raw = self.seg.descriptor_bytes(slot)
-        if not raw:
-            return {}
-        try:
-            value = msgpack.unpackb(raw, strict_map_key=False)
-        except Exception:  # noqa: BLE001 - garbage in the table: clean will sweep
-            return {}
-        return value if isinstance(value, dict) else {}
 
     def publish(self, slot: int, gen: int, mine: int, descriptor: dict[str, Any]) -> None:
         ctx = self.kind.pool.slot(slot)

@@ -334,11 +334,7 @@ class CommandKind(Kind):
         if isinstance(pid, int) and isinstance(start, int) and not same_process(pid, start):
             return False
         if isinstance(descriptor.get("socket"), str):
-            handle = AgentHandle(str(descriptor["socket"]), timeout=timeout)
-            try:
-                return handle.ping(timeout)
-            finally:
-                handle.close()
+            return AgentHandle.probe(str(descriptor["socket"]), timeout)
         return True
 
 

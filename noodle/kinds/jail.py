@@ -332,11 +332,7 @@ class JailKind(Kind):
         pid, start = descriptor.get("pid"), descriptor.get("start")
         if not (isinstance(pid, int) and isinstance(start, int) and same_process(pid, start)):
             return False
-        handle = AgentHandle(str(descriptor["socket"]), timeout=timeout)
-        try:
-            return handle.ping(timeout)
-        finally:
-            handle.close()
+        return AgentHandle.probe(str(descriptor["socket"]), timeout)
 
     @classmethod
     def instance_pids(cls, descriptor: Mapping[str, Any]) -> list[int]:

@@ -408,11 +408,7 @@ class MicrovmKind(Kind):
         pid, started = descriptor.get("pid"), descriptor.get("start")
         if not isinstance(pid, int) or not _qemu.alive(pid, started if isinstance(started, int) else None):
             return False
-        handle = MicrovmHandle(str(descriptor["agent"]), timeout=timeout)
-        try:
-            return handle.ping(timeout)
-        finally:
-            handle.close()
+        return MicrovmHandle.probe(str(descriptor["agent"]), timeout)
 
 
 def _hostname(slot: SlotContext) -> str:

@@ -565,7 +565,8 @@ class OciKind(Kind):
         deadline = time.monotonic() + float(self.options["ready_timeout"])
         delay = 0.001
         while True:
-            if os.path.exists(sock_path) and _ping(sock_path, max(0.05, min(1.0, deadline - time.monotonic()))):
+            budget = max(0.05, min(1.0, deadline - time.monotonic()))
+            if os.path.exists(sock_path) and AgentHandle.probe(sock_path, budget):
                 return
             if not pid_matches(pid, start):
                 raise StepFailed(f"container {cid} died before its agent was ready: {_tail(console)}")
@@ -659,17 +660,7 @@ class OciKind(Kind):
         pid, start = descriptor.get("pid"), descriptor.get("start")
         if not isinstance(pid, int) or not pid_matches(pid, start if isinstance(start, int) else None):
             return False
-        return _ping(str(descriptor.get("socket", "")), timeout)
-
-
-def _ping(path: str, timeout: float) -> bool:
-    """One ping on a fresh connection: the agent serves one connection at a
-    time, so a kept-open one would block the lease holder."""
-    handle = AgentHandle(path, timeout=timeout)
-    try:
-        return handle.ping(timeout)
-    finally:
-        handle.close()
+        return AgentHandle.probe(str(descriptor.get("socket", "")), timeout)
 
 
 def leftovers(pool: str, slot: int, runtime: str, state_root: str | None = None) -> list[str]:

@@ -135,13 +135,9 @@ class ProcessKind(Kind):
         reply = _zygote_request(self.zygote_socket, req, timeout)
         pid, start = int(reply["pid"]), int(reply["start"])
         descriptor = {"pid": pid, "start": start, "socket": sock_path, "dir": slot.dir}
-        handle = AgentHandle(sock_path, timeout=timeout)
-        try:
-            if not handle.ping(timeout):
-                _kill_group(pid, start)
-                raise StepFailed(f"instance pid {pid} did not answer its first ping within {timeout} s")
-        finally:
-            handle.close()
+        if not AgentHandle.probe(sock_path, timeout):
+            _kill_group(pid, start)
+            raise StepFailed(f"instance pid {pid} did not answer its first ping within {timeout} s")
         return descriptor
 
     def terminate(self, slot: SlotContext, descriptor: Mapping[str, Any]) -> None:
@@ -160,11 +156,7 @@ class ProcessKind(Kind):
         pid, start = descriptor.get("pid"), descriptor.get("start")
         if not (isinstance(pid, int) and isinstance(start, int) and is_alive(pid, start)):
             return False
-        handle = AgentHandle(str(descriptor.get("socket", "")), timeout=timeout)
-        try:
-            return handle.ping(timeout)
-        finally:
-            handle.close()
+        return AgentHandle.probe(str(descriptor.get("socket", "")), timeout)
 
 
 def _kill_recorded(slot: SlotContext) -> None:
