@@ -244,18 +244,18 @@ def reap_orphans() -> None:
 
 
 def _start_time(pid: int) -> int:
-    from noodle.procs import start_time
+    from noodle.host.proc import start_time
 
-    return start_time(pid)
+    return start_time(pid) or 0
 
 
 def kill_pids(pids: Iterable[tuple[int, int]]) -> list[int]:
     """SIGKILL every (pid, start time) that is still that process."""
-    from noodle.procs import kill_verified
+    from noodle.host.proc import ProcessIdentity
 
     killed = []
     for pid, st in pids:
-        if st and kill_verified(pid, st, signal.SIGKILL):
+        if ProcessIdentity(pid, st).signal(signal.SIGKILL):
             killed.append(pid)
     return killed
 
@@ -389,7 +389,7 @@ class PoolProcess:
 
     def remember(self) -> None:
         """Record the supervisor's descendants (with start times) for clean-up."""
-        from noodle.procs import descendants_of
+        from noodle.host.proc import descendants_of
 
         if self.proc is None:
             return

@@ -72,7 +72,7 @@ import posix_ipc
 
 from noodle import _shm, queues
 from noodle import layout as L
-from noodle.procs import state_of
+from noodle.host.proc import state_of
 from noodle.segment import Segment
 
 CTX = mp.get_context("fork")

@@ -32,8 +32,8 @@ from noodle.errors import (
     PoolStarved,
     UnknownKind,
 )
+from noodle.host.proc import is_alive
 from noodle.kinds import Kind, load_kind
-from noodle.procs import is_alive
 from noodle.segment import Segment, decode_descriptor
 
 log = logging.getLogger("noodle.client")

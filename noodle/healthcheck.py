@@ -14,7 +14,7 @@ from typing import Any
 
 from noodle.errors import NoodleError
 from noodle.kinds import Kind
-from workers.stage import step_deadline
+from noodle.workers.stage import step_deadline
 
 
 class HealthCheckFailed(NoodleError):

@@ -71,6 +71,7 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 MAGIC = b"NOODLSHM"
 LAYOUT_VERSION = 1
@@ -346,3 +347,48 @@ class Header:
     def geometry(self) -> Geometry:
         return Geometry(self.pool_size, self.ring_capacity, self.descriptor_cap, self.wait_cells,
                         self.n_counters, self.n_histograms)
+
+
+# -- the worker table -----------------------------------------------------------
+
+
+class WorkerTable:
+    """Words each stage worker shares with its supervisor, one row per worker
+    seat: heartbeat, when its current step started (0: not in a step), and
+    whether it holds a concurrency permit. Allocated before the workers are
+    forked (a multiprocess ``RawArray('Q')``); a word is written by one side
+    at a time, so no lock is needed."""
+
+    _BEAT, _STEP_STARTED, _HOLDS_PERMIT = 0, 1, 2
+    _FIELDS = 3
+
+    def __init__(self, words: Any) -> None:
+        self.words = words
+
+    @classmethod
+    def allocate(cls, mp_context: Any, seats: int) -> WorkerTable:
+        return cls(mp_context.RawArray("Q", cls._FIELDS * seats))
+
+    def beat(self, seat: int) -> int:
+        """monotonic ns of the worker's last heartbeat; 0 before its first."""
+        return int(self.words[seat * self._FIELDS + self._BEAT])
+
+    def set_beat(self, seat: int, ns: int) -> None:
+        self.words[seat * self._FIELDS + self._BEAT] = ns
+
+    def step_started(self, seat: int) -> int:
+        """monotonic ns when its current step began; 0 when between steps."""
+        return int(self.words[seat * self._FIELDS + self._STEP_STARTED])
+
+    def set_step_started(self, seat: int, ns: int) -> None:
+        self.words[seat * self._FIELDS + self._STEP_STARTED] = ns
+
+    def holds_permit(self, seat: int) -> bool:
+        return bool(self.words[seat * self._FIELDS + self._HOLDS_PERMIT])
+
+    def set_holds_permit(self, seat: int, held: bool) -> None:
+        self.words[seat * self._FIELDS + self._HOLDS_PERMIT] = int(held)
+
+    def clear(self, seat: int) -> None:
+        for f in range(self._FIELDS):
+            self.words[seat * self._FIELDS + f] = 0

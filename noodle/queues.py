@@ -18,8 +18,10 @@ import msgpack
 import posix_ipc
 
 from noodle.errors import PermissionDenied, PoolNotFound
+from noodle.lifecycle import STAGE_NAMES
 
-STAGES = ("clean", "prepare", "spawn", "terminate")
+STAGES = STAGE_NAMES  # one queue per lifecycle stage
+
 MSG_VERSION = 1
 MAX_MSG_SIZE = 64  # a message is ~10 bytes; the kernel refuses larger ones
 

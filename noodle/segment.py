@@ -35,7 +35,7 @@ from noodle.errors import (
     PoolNotFound,
     SlotOutOfRange,
 )
-from noodle.procs import start_time
+from noodle.host.proc import start_time
 
 
 def validate_name(name: str) -> str:
@@ -144,7 +144,7 @@ class Segment:
         pid = os.getpid()
         header = L.Header(
             L.MAGIC, L.LAYOUT_VERSION, L.HEADER_SIZE, pool_size, geo.ring_capacity, geo.slot_size,
-            descriptor_cap, wait_cells, geo.n_counters, geo.n_histograms, pid, start_time(pid),
+            descriptor_cap, wait_cells, geo.n_counters, geo.n_histograms, pid, start_time(pid) or 0,
             geo.total_size, time.time_ns(), pool, kind,
         )  # fmt: skip
         mm[: L.CRC_OFFSET + 4] = header.pack()

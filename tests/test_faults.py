@@ -14,7 +14,7 @@ import posix_ipc
 import pytest
 
 import noodle
-from noodle.procs import is_alive
+from noodle.host.proc import is_alive
 from tests.conftest import REPO, assert_nothing_left, pool_processes, wait_for, wait_full, zombies_of
 
 pytestmark = pytest.mark.timeout(240)

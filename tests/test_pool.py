@@ -11,7 +11,7 @@ import time
 import pytest
 
 import noodle
-from noodle.procs import is_alive
+from noodle.host.proc import is_alive
 from tests.conftest import pool_processes, wait_for, wait_full
 
 pytestmark = pytest.mark.timeout(180)

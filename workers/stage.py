@@ -30,26 +30,15 @@ import posix_ipc
 from setproctitle import setproctitle
 
 from noodle import layout as L
-from noodle import queues
+from noodle import lifecycle, queues
 from noodle.config import Config
-from noodle.kinds import Kind
+from noodle.kinds import Kind, SlotContext
 from noodle.segment import Segment
+from noodle.workers import WORKER_BOOT_ERROR
 
 log = logging.getLogger("noodle.worker")
 
-STAGE_STATE = {
-    "clean": L.State.CLEAN,
-    "prepare": L.State.PREPARE,
-    "spawn": L.State.SPAWN,
-    "terminate": L.State.TERMINATE,
-}
-STAGE_STEP = {"clean": L.Step.CLEAN, "prepare": L.Step.PREPARE, "spawn": L.Step.SPAWN, "terminate": L.Step.TERMINATE}
-DONE_COUNTER = {"clean": "cleans", "prepare": "prepares", "spawn": "spawns", "terminate": "terminates"}
 PR_SET_PDEATHSIG = 1
-
-# Worker table fields, per worker: [heartbeat_ns, step_started_ns, holds_permit]
-BEAT, STEP_STARTED, HOLDS_PERMIT = 0, 1, 2
-FIELDS_PER_WORKER = 3
 
 
 class StepTimeout(Exception):
@@ -57,49 +46,51 @@ class StepTimeout(Exception):
 
 
 @dataclass
-class WorkerContext:
+class WorkerSpec:
     """What a worker inherits from the supervisor across fork."""
 
     stage: str
-    index: int  # position in the worker table
+    seat: int  # its row in the worker table
     number: int  # per-stage number, for the process title
     cfg: Config
     seg: Segment
     kind: Kind
-    table: Any  # multiprocess RawArray('Q'), FIELDS_PER_WORKER per worker
-    permits: Any  # multiprocess Semaphore or None
+    table: L.WorkerTable
+    permits: Any  # multiprocess BoundedSemaphore, or None without a concurrency limit
     supervisor_pid: int
 
 
 class Worker:
-    def __init__(self, ctx: WorkerContext) -> None:
-        self.ctx = ctx
-        self.seg = ctx.seg
-        self.core = ctx.seg.core
-        self.kind = ctx.kind
-        self.stage = ctx.stage
-        self.state = STAGE_STATE[ctx.stage]
+    """One stage worker process: takes tasks from its stage's queue, claims
+    the slot by CAS, runs the kind's step and moves the slot on by the rules
+    of ``noodle.lifecycle``. It holds no state of its own that matters: a
+    SIGKILL at any instruction leaves the slot to the supervisor."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.seg = spec.seg
+        self.core = spec.seg.core
+        self.kind = spec.kind
+        self.stage = lifecycle.BY_NAME[spec.stage]
+        self.policy = lifecycle.Policy(spec.cfg.max_failures, spec.cfg.abandon_cooldown)
         self.pid = os.getpid()
         self.stopping = False
-        self.queue = queues.open_queue(ctx.cfg.name, ctx.stage)
-        self.senders = {s: queues.open_queue(ctx.cfg.name, s) for s in queues.STAGES}
-        self._base = ctx.index * FIELDS_PER_WORKER
-
-    # -- worker table -----------------------------------------------------------
-
-    def _set(self, field: int, value: int) -> None:
-        self.ctx.table[self._base + field] = value
+        self.queue = queues.open_queue(spec.cfg.name, spec.stage)
+        self.senders = {s: queues.open_queue(spec.cfg.name, s) for s in lifecycle.STAGE_NAMES}
 
     def beat(self) -> None:
-        self._set(BEAT, time.monotonic_ns())
+        self.spec.table.set_beat(self.spec.seat, time.monotonic_ns())
+
+    def _step_started(self, ns: int) -> None:
+        self.spec.table.set_step_started(self.spec.seat, ns)
 
     # -- the loop -----------------------------------------------------------------
 
     def run(self) -> int:
         while not self.stopping:
             self.beat()
-            if os.getppid() != self.ctx.supervisor_pid:
-                log.error("supervisor %d is gone; %s worker exits", self.ctx.supervisor_pid, self.stage)
+            if os.getppid() != self.spec.supervisor_pid:
+                log.error("supervisor %d is gone; %s worker exits", self.spec.supervisor_pid, self.stage.name)
                 return 1
             try:
                 raw, _prio = self.queue.receive(timeout=1.0)
@@ -113,89 +104,87 @@ class Worker:
             slot, gen = queues.decode(raw, self.seg.pool_size)
         except queues.BadMessage as exc:
             self.seg.count("bad_messages")
-            log.warning("%s queue: dropped a bad message: %s", self.stage, exc)
+            log.warning("%s queue: dropped a bad message: %s", self.stage.name, exc)
             return
-        if self.seg.shutting_down and self.stage in ("prepare", "spawn"):
+        if self.seg.shutting_down and self.stage.refills:
             return  # no refilling during shutdown; the supervisor cleans these
         rec = self.seg.record(slot)
         if rec.retry_at_ns and time.monotonic_ns() < rec.retry_at_ns:
             self.seg.count("stale_messages")  # early duplicate: the backoff stands
             return
-        idle = L.make_word(self.state, gen, 0)
-        mine = L.make_word(self.state, gen, self.pid)
+        idle = L.make_word(self.stage.state, gen, 0)
+        mine = L.make_word(self.stage.state, gen, self.pid)
         if not self.core.cas(slot, idle, mine):
             self.seg.count("stale_messages")
             return
         if rec.queued_ns:
             self.seg.observe("dispatch", time.monotonic_ns() - rec.queued_ns)
-        self._set(STEP_STARTED, time.monotonic_ns())
+        self._step_started(time.monotonic_ns())
         try:
             self.with_permit(lambda: self.step(slot, gen, mine))
         finally:
-            self._set(STEP_STARTED, 0)
+            self._step_started(0)
 
     def with_permit(self, fn: Callable[[], None]) -> None:
-        permits = self.ctx.permits
+        permits = self.spec.permits
         if permits is None:
             fn()
             return
         while not permits.acquire(timeout=1.0):
             self.beat()
-            self._set(STEP_STARTED, time.monotonic_ns())  # waiting is not running
-        self._set(HOLDS_PERMIT, 1)
+            self._step_started(time.monotonic_ns())  # waiting is not running
+        self.spec.table.set_holds_permit(self.spec.seat, True)
         try:
             fn()
         finally:
-            self._set(HOLDS_PERMIT, 0)
+            self.spec.table.set_holds_permit(self.spec.seat, False)
             permits.release()
 
     def step(self, slot: int, gen: int, mine: int) -> None:
-        ctx = self.kind.pool.slot(slot)
+        where = self.kind.pool.slot(slot)
+        stage = self.stage
         t0 = time.monotonic_ns()
         descriptor: dict[str, Any] = {}
         try:
-            with step_deadline(self.ctx.cfg.step_timeout):
-                if self.stage == "clean":
-                    self.kind.clean(ctx)
-                elif self.stage == "prepare":
-                    self.kind.prepare(ctx)
-                elif self.stage == "spawn":
-                    descriptor = self.kind.spawn(ctx)
+            with step_deadline(self.spec.cfg.step_timeout):
+                if stage.state == L.State.CLEAN:
+                    self.kind.clean(where)
+                elif stage.state == L.State.PREPARE:
+                    self.kind.prepare(where)
+                elif stage.state == L.State.SPAWN:
+                    descriptor = self.kind.spawn(where)
                 else:
-                    self.kind.terminate(ctx, self.seg.descriptor(slot))
+                    self.kind.terminate(where, self.seg.descriptor(slot))
         except BaseException as exc:  # a kind may raise anything, SystemExit too
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            self.seg.observe(self.stage, time.monotonic_ns() - t0)
+            self.seg.observe(stage.name, time.monotonic_ns() - t0)
             self.fail(slot, gen, mine, exc)
             return
-        self.seg.observe(self.stage, time.monotonic_ns() - t0)
-        self.seg.count(DONE_COUNTER[self.stage])
-        if self.stage == "spawn":
+        self.seg.observe(stage.name, time.monotonic_ns() - t0)
+        self.seg.count(stage.done_counter)
+        if stage.next_stage is None:
             self.publish(slot, gen, mine, descriptor)
-        elif self.stage == "clean":
-            # during shutdown `prepare, owner 0` means "cleaned, stop here"
-            self.move(slot, mine, L.make_word(L.State.PREPARE, gen, 0), None if self.seg.shutting_down else "prepare")
-        elif self.stage == "prepare":
-            self.move(slot, mine, L.make_word(L.State.SPAWN, gen, 0), "spawn")
-        else:
-            self.move(slot, mine, L.make_word(L.State.CLEAN, gen, 0), "clean")
+            return
+        # during shutdown a cleaned slot stops at `prepare, owner 0`
+        dispatch = None if self.seg.shutting_down and stage.state == L.State.CLEAN else stage.next_stage
+        self.move(slot, mine, L.make_word(stage.next_state, gen, 0), dispatch)
 
     def publish(self, slot: int, gen: int, mine: int, descriptor: dict[str, Any]) -> None:
-        ctx = self.kind.pool.slot(slot)
+        where = self.kind.pool.slot(slot)
         try:
             packed = msgpack.packb(descriptor)
         except (TypeError, ValueError) as exc:
-            self.discard(ctx, descriptor)
+            self.discard(where, descriptor)
             self.fail(slot, gen, mine, ValueError(f"descriptor is not msgpack-able: {exc}"))
             return
         if len(packed) > self.seg.geometry.descriptor_cap:
-            self.discard(ctx, descriptor)
+            self.discard(where, descriptor)
             self.fail(slot, gen, mine, ValueError(
                 f"descriptor of {len(packed)} bytes exceeds descriptor_size {self.seg.geometry.descriptor_cap}"))
             return
         if self.seg.shutting_down:
-            self.discard(ctx, descriptor)
+            self.discard(where, descriptor)
             self.move(slot, mine, L.make_word(L.State.CLEAN, gen, 0), "clean")
             return
         self.seg.set_failures(slot, 0)
@@ -205,17 +194,17 @@ class Worker:
         if status == L.Status.STALE:
             # the supervisor took the slot back (it thought us stuck): the
             # instance we made belongs to no slot now, so it must not live
-            self.discard(ctx, descriptor)
+            self.discard(where, descriptor)
             self.seg.count("stale_messages")
         elif status == L.Status.FULL:
             log.warning("ready ring full publishing slot %d; the supervisor's audit re-queues it", slot)
 
-    def discard(self, ctx: Any, descriptor: dict[str, Any]) -> None:
+    def discard(self, where: SlotContext, descriptor: dict[str, Any]) -> None:
         try:
-            with step_deadline(self.ctx.cfg.step_timeout):
-                self.kind.terminate(ctx, descriptor)
+            with step_deadline(self.spec.cfg.step_timeout):
+                self.kind.terminate(where, descriptor)
         except Exception as exc:  # noqa: BLE001 - clean sweeps what terminate missed
-            log.warning("slot %d: terminating an unpublished instance failed: %s", ctx.slot, exc)
+            log.warning("slot %d: terminating an unpublished instance failed: %s", where.slot, exc)
 
     def move(self, slot: int, mine: int, new: int, dispatch: str | None) -> None:
         if not self.core.cas(slot, mine, new):
@@ -229,34 +218,29 @@ class Worker:
             self.seg.count("queue_full")
 
     def fail(self, slot: int, gen: int, mine: int, exc: BaseException) -> None:
-        cfg = self.ctx.cfg
-        self.seg.count(f"{self.stage}_failures")
+        stage = self.stage
+        self.seg.count(stage.failure_counter)
         rec = self.seg.record(slot)
-        n = rec.failures + 1
-        step = STAGE_STEP[self.stage]
+        out = lifecycle.after_failure(stage, rec.failures, self.policy, self.seg.shutting_down)
         msg = f"{type(exc).__name__}: {exc}"
-        now = time.monotonic_ns()
-        if self.stage == "terminate":
-            # clean must remove whatever a failed terminate left behind
-            log.warning("slot %d: terminate failed, cleaning anyway: %s", slot, msg)
-            self.seg.set_failures(slot, rec.failures, step)
-            self.move(slot, mine, L.make_word(L.State.CLEAN, gen, 0), "clean")
-            return
-        if n > cfg.max_failures or (self.seg.shutting_down and self.stage == "clean"):
+        if out.abandoned:
             log.error("slot %d: %s failed %d times, abandoned for %.0f s: %s",
-                      slot, self.stage, n, cfg.abandon_cooldown, msg)  # fmt: skip
-            self.seg.set_failures(slot, n, step)
-            self.seg.set_retry_at(slot, now + int(cfg.abandon_cooldown * 1e9))
-            if self.core.cas(slot, mine, L.make_word(L.State.ABANDONED, gen, 0)):
+                      slot, stage.name, out.failures, self.policy.abandon_cooldown, msg)  # fmt: skip
+        elif out.dispatch is not None:
+            log.warning("slot %d: %s failed, cleaning anyway: %s", slot, stage.name, msg)
+        else:
+            log.warning("slot %d: %s failed (%d/%d), retrying clean in %.1f s: %s",
+                        slot, stage.name, out.failures, self.policy.max_failures, out.retry_in or 0.0, msg)  # fmt: skip
+        self.seg.set_failures(slot, out.failures, stage.step)
+        if out.retry_in is not None:
+            self.seg.set_retry_at(slot, time.monotonic_ns() + int(out.retry_in * 1e9))
+        new = L.make_word(out.state, gen, 0)
+        if out.abandoned:
+            if self.core.cas(slot, mine, new):
                 self.seg.count("abandoned")
             return
-        delay = 0.1 * n * n
-        log.warning("slot %d: %s failed (%d/%d), retrying clean in %.1f s: %s",
-                    slot, self.stage, n, cfg.max_failures, delay, msg)  # fmt: skip
-        self.seg.set_failures(slot, n, step)
-        self.seg.set_retry_at(slot, now + int(delay * 1e9))
-        # no dispatch: the supervisor sends it when the backoff is over
-        self.move(slot, mine, L.make_word(L.State.CLEAN, gen, 0), None)
+        # without a dispatch the supervisor sends it when the backoff is over
+        self.move(slot, mine, new, out.dispatch)
 
 
 @contextlib.contextmanager
@@ -277,18 +261,16 @@ def step_deadline(seconds: float) -> Any:
         signal.signal(signal.SIGALRM, old)
 
 
-def worker_main(ctx: WorkerContext) -> None:
+def worker_main(spec: WorkerSpec) -> None:
     """Entry point in the forked worker process."""
-    from workers import WORKER_BOOT_ERROR
-
-    setproctitle(f"noodle {ctx.stage}-worker {ctx.cfg.name} {ctx.number}")
+    setproctitle(f"noodle {spec.stage}-worker {spec.cfg.name} {spec.number}")
     # Die at once with the supervisor. Finishing the step would write into a
     # segment its successor is about to sweep and replace, and could leave an
     # instance recorded nowhere; cut short, the slot's own leftovers (pidfile,
     # cgroup, slot dir) are what the successor's clean removes.
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != ctx.supervisor_pid:
+    if os.getppid() != spec.supervisor_pid:
         os._exit(1)  # it died before the prctl took effect
     # Ctrl-C reaches the whole process group; the supervisor decides
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -300,9 +282,9 @@ def worker_main(ctx: WorkerContext) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        worker = Worker(ctx)
+        worker = Worker(spec)
     except Exception as exc:  # noqa: BLE001 - any boot failure halts the pool, with its cause
-        log.critical("%s worker failed to boot: %s", ctx.stage, exc)
+        log.critical("%s worker failed to boot: %s", spec.stage, exc)
         os._exit(WORKER_BOOT_ERROR)
     holder.append(worker)
     code = worker.run()

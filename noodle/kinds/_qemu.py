@@ -1,5 +1,6 @@
-"""QEMU plumbing for the microvm kind: the command line, a detached launch,
-a small QMP client, /proc checks and the agent handle of a guest.
+"""QEMU plumbing for the microvm kind: the command line, finding a guest's
+QEMU, a small QMP client and the agent handle of a guest (launching and
+killing go through ``noodle.host``).
 
 Kept free of pool logic so the benchmark and the tests can boot a VM the
 same way the kind does.
@@ -14,16 +15,15 @@ import json
 import os
 import secrets
 import shlex
-import signal
 import socket
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from noodle.agent import MAX_FRAME
 from noodle.errors import InstanceGone, InstanceTimeout, StepFailed
 from noodle.handle import AgentHandle
+from noodle.host.proc import is_alive
 
 AGENT_PORT = "noodle.agent"
 # sun_path is 108 bytes including the NUL.
@@ -126,37 +126,6 @@ MIGRATE_CAPS = [{"capability": "x-ignore-shared", "state": True}]
 # -- processes -----------------------------------------------------------------
 
 
-def proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks since boot) or None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    except OSError:
-        return None
-    # comm may contain spaces and parentheses: split after the last ')'.
-    rest = raw[raw.rfind(")") + 2 :].split()
-    try:
-        return rest[0], int(rest[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def start_time(pid: int) -> int | None:
-    st = proc_stat(pid)
-    return None if st is None else st[1]
-
-
-def alive(pid: int, started: int | None) -> bool:
-    """True if ``pid`` runs and (when given) is the process that started at
-    ``started``, not a later process that reused the pid. Zombies are dead."""
-    st = proc_stat(pid)
-    if st is None or st[0] in ("Z", "X"):
-        return False
-    return started is None or st[1] == started
-
-
 def cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -180,96 +149,6 @@ def find_qemu(guest_name: str) -> list[int]:
         if entry.isdigit() and is_our_qemu(int(entry), guest_name):
             found.append(int(entry))
     return found
-
-
-def kill_and_wait(pid: int, started: int | None, timeout: float = 10.0) -> bool:
-    """SIGKILL ``pid`` if it still is the process that started at ``started``;
-    wait until it is gone (or a zombie for its reaper). False if it outlived
-    the timeout."""
-    if not alive(pid, started):
-        return True
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    return wait_gone(pid, started, timeout)
-
-
-def wait_gone(pid: int, started: int | None, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    delay = 0.001
-    while alive(pid, started):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
-    return True
-
-
-def launch_detached(argv: Sequence[str], log_path: str) -> int:
-    """Start ``argv`` in a new session, not as our child: fork, setsid,
-    fork again, exec. The middle process exits at once, so the QEMU is
-    reparented to the nearest subreaper (the pool supervisor) and a worker
-    that dies never takes its instances with it. Returns the QEMU's pid."""
-    rfd, wfd = os.pipe()
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    try:
-        mid = os.fork()
-        if mid == 0:  # pragma: no cover - runs in the forked child
-            try:
-                os.close(rfd)
-                os.setsid()
-                pid = os.fork()
-                if pid == 0:
-                    null = os.open(os.devnull, os.O_RDONLY)
-                    os.dup2(null, 0)
-                    os.dup2(log_fd, 1)
-                    os.dup2(log_fd, 2)
-                    os.closerange(3, 65536)
-                    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-                    os.execv(argv[0], list(argv))  # noqa: S606 - argv is ours, no shell
-                os.write(wfd, str(pid).encode())
-            finally:
-                os._exit(0)
-        os.close(wfd)
-        wfd = -1
-        data = b""
-        while True:
-            chunk = os.read(rfd, 64)
-            if not chunk:
-                break
-            data += chunk
-        while True:
-            try:
-                os.waitpid(mid, 0)
-                break
-            except ChildProcessError:
-                break
-            except InterruptedError:
-                continue
-    finally:
-        os.close(rfd)
-        if wfd >= 0:
-            os.close(wfd)
-        os.close(log_fd)
-    if not data:
-        raise StepFailed(f"could not start {argv[0]}")
-    return int(data)
-
-
-def write_pidfile(path: str, pid: int, started: int | None) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{pid} {started if started is not None else 0}\n")
-    os.replace(tmp, path)
-
-
-def read_pidfile(path: str) -> tuple[int, int | None] | None:
-    try:
-        with open(path) as f:
-            fields = f.read().split()
-        pid, started = int(fields[0]), int(fields[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pid, (started or None)
 
 
 # -- QMP -------------------------------------------------------------------------
@@ -403,7 +282,7 @@ def connect_unix(path: str, deadline: float, pid: int | None = None) -> socket.s
             sock.close()
             if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
                 raise StepFailed(f"cannot connect to {path}: {exc}") from None
-        if pid is not None and not alive(pid, None):
+        if pid is not None and not is_alive(pid):
             raise StepFailed(f"QEMU (pid {pid}) exited before opening {path}")
         if time.monotonic() > deadline:
             raise StepFailed(f"{path} did not appear in time")

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from noodle.errors import ConfigError
+from noodle.handle import AgentHandle
+from noodle.host.proc import ProcessIdentity
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,28 @@ class Kind:
         """Host pids of the instance, for leak checks and crash recovery."""
         pid = descriptor.get("pid")
         return [pid] if isinstance(pid, int) and pid > 0 else []
+
+
+class AgentKind(Kind):
+    """Base of kinds whose instances run noodle's agent behind a Unix socket.
+    Their descriptor names the ``socket`` and the ``pid`` + ``start`` of the
+    process that holds the instance (so a reused pid does not count)."""
+
+    def health(self, descriptor: Mapping[str, Any], timeout: float) -> bool:
+        return self.client_health(descriptor, timeout)
+
+    @classmethod
+    def client_handle(cls, descriptor: Mapping[str, Any]) -> AgentHandle:
+        return AgentHandle(str(descriptor["socket"]))
+
+    @classmethod
+    def client_health(cls, descriptor: Mapping[str, Any], timeout: float) -> bool:
+        """The instance's process is still the one spawn started and its agent
+        answers: an agent whose holder died is not handed out."""
+        proc = ProcessIdentity.from_record(descriptor.get("pid"), descriptor.get("start"))
+        if proc is None or not proc.alive():
+            return False
+        return AgentHandle.probe(str(descriptor.get("socket", "")), timeout)
 
 
 def _type_name(typ: type | tuple[type, ...]) -> str:

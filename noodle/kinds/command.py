@@ -65,7 +65,8 @@ from typing import Any, ClassVar
 
 from noodle.errors import ConfigError, StepFailed
 from noodle.handle import AgentHandle, ExecResult
-from noodle.kinds._cgroup import kill_process_tree, pid_start_time, same_process
+from noodle.host.launch import launch_detached, log_tail, read_pidfile, write_pidfile
+from noodle.host.proc import ProcessIdentity, start_time
 from noodle.kinds.base import Kind, PoolInfo, SlotContext
 
 _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,7 +217,9 @@ class CommandKind(Kind):
     # -- worker side -------------------------------------------------------------
 
     def clean(self, slot: SlotContext) -> None:
-        _kill_pidfile(os.path.join(slot.dir, "spawn.pid"), float(self.options["kill_grace"]))
+        recorded = read_pidfile(os.path.join(slot.dir, "spawn.pid"))
+        if recorded is not None:
+            recorded.kill_tree(grace=float(self.options["kill_grace"]))
         if self.options["clean"]:
             self._run("clean", slot)
         if self.options["remove_dir"] and os.path.lexists(slot.dir):
@@ -238,7 +241,7 @@ class CommandKind(Kind):
         desc.setdefault("slot", slot.slot)
         pid = desc.get("pid")
         if isinstance(pid, int) and pid > 0 and "start" not in desc:
-            desc["start"] = pid_start_time(pid)
+            desc["start"] = start_time(pid)
         size = len(json.dumps(desc))
         if size > int(self.options["descriptor_max"]):
             raise StepFailed(f"spawn: descriptor of {size} bytes exceeds descriptor_max: {json.dumps(desc)[:200]}")
@@ -256,14 +259,10 @@ class CommandKind(Kind):
     def _spawn_process(self, slot: SlotContext, limit: float) -> dict[str, Any]:
         cmd = self._render("spawn", self._fields(slot))
         log_path = os.path.join(slot.dir, "spawn.log")
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-        try:
-            pid = _detach([self.options["shell"], "-c", cmd], self._env(slot), log_fd, self.base_dir)
-        finally:
-            os.close(log_fd)
-        start = pid_start_time(pid)
-        with open(os.path.join(slot.dir, "spawn.pid"), "w", encoding="ascii") as f:
-            f.write(f"{pid} {start or 0}\n")
+        proc = launch_detached([self.options["shell"], "-c", cmd], log_path, env=self._env(slot), cwd=self.base_dir,
+                               truncate_log=True, log_mode=0o640)  # fmt: skip
+        pid, start = proc.pid, proc.start
+        write_pidfile(os.path.join(slot.dir, "spawn.pid"), proc)
         desc: dict[str, Any] = {"pid": pid, "start": start}
         ready_line = str(self.options["ready_line"])
         deadline = time.monotonic() + limit
@@ -288,12 +287,12 @@ class CommandKind(Kind):
                                 desc["pid"], desc["start"] = pid, start
                                 return desc
                 if not chunk:
-                    if not same_process(pid, start):
-                        raise StepFailed(f"spawn exited before it was ready: {cmd}; output: {_tail_file(log_path)}")
+                    if not proc.alive():
+                        raise StepFailed(f"spawn exited before it was ready: {cmd}; output: {_log(log_path)}")
                     if time.monotonic() > deadline:
-                        _kill_group(pid, start, float(self.options["kill_grace"]))
+                        proc.kill_tree(grace=float(self.options["kill_grace"]))
                         raise StepFailed(
-                            f"spawn printed no ready line within {limit} s: {cmd}; output: {_tail_file(log_path)}"
+                            f"spawn printed no ready line within {limit} s: {cmd}; output: {_log(log_path)}"
                         )
                     time.sleep(delay)
                     delay = min(delay * 2, 0.01)
@@ -302,9 +301,11 @@ class CommandKind(Kind):
         if self.options["terminate"]:
             self._run("terminate", slot, descriptor)
             return
-        pid, start = descriptor.get("pid"), descriptor.get("start")
-        if isinstance(pid, int) and isinstance(start, int):
-            _kill_group(pid, start, float(self.options["kill_grace"]))
+        # TERM the group the spawn leads and its descendants, KILL them after
+        # kill_grace; stragglers go even when the leader already died
+        proc = ProcessIdentity.from_record(descriptor.get("pid"), descriptor.get("start"))
+        if proc is not None:
+            proc.kill_tree(grace=float(self.options["kill_grace"]))
 
     def health(self, descriptor: Mapping[str, Any], timeout: float) -> bool:
         if not self.options["health"]:
@@ -331,7 +332,7 @@ class CommandKind(Kind):
     @classmethod
     def client_health(cls, descriptor: Mapping[str, Any], timeout: float) -> bool:
         pid, start = descriptor.get("pid"), descriptor.get("start")
-        if isinstance(pid, int) and isinstance(start, int) and not same_process(pid, start):
+        if isinstance(pid, int) and isinstance(start, int) and not ProcessIdentity(pid, start).alive():
             return False
         if isinstance(descriptor.get("socket"), str):
             return AgentHandle.probe(str(descriptor["socket"]), timeout)
@@ -343,66 +344,5 @@ def _tail(data: bytes) -> str:
     return ("..." + text[-_TAIL:]) if len(text) > _TAIL else (text or "(empty)")
 
 
-def _tail_file(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            return _tail(f.read())
-    except OSError:
-        return "(no output)"
-
-
-def _detach(argv: list[str], env: dict[str, str], log_fd: int, cwd: str) -> int:
-    """Start argv as the leader of a new session and process group, not as
-    our child (double fork: the supervisor, a subreaper, reaps it); return
-    its pid, which is also the id of its process group."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    try:
-        child = os.fork()
-        if child == 0:  # pragma: no cover - runs in the forked children
-            code = 1
-            try:
-                grandchild = os.fork()
-                if grandchild != 0:
-                    os.write(w, grandchild.to_bytes(8, "little"))
-                    os._exit(0)
-                # setsid here, in the process that execs: its pid is then the
-                # id of its session and process group, which terminate kills.
-                os.setsid()
-                os.chdir(cwd)
-                null = os.open("/dev/null", os.O_RDONLY)
-                os.dup2(null, 0)
-                os.dup2(log_fd, 1)
-                os.dup2(log_fd, 2)
-                os.closerange(3, 65536)
-                os.execve(argv[0], argv, env)  # noqa: S606 - argv is [shell, "-c", template]
-            except BaseException:  # noqa: BLE001 - a forked child must never return into the worker
-                code = 127
-            os._exit(code)
-        os.close(w)
-        w = -1
-        os.waitpid(child, 0)
-        data = os.read(r, 8)
-        if len(data) != 8:
-            raise StepFailed(f"spawn: could not start {argv!r}")
-        return int.from_bytes(data, "little")
-    finally:
-        os.close(r)
-        if w >= 0:
-            os.close(w)
-
-
-def _kill_group(pid: int, start: int | None, grace: float) -> None:
-    """TERM the process group led by pid and its descendants, KILL them after
-    ``grace``, and wait until all are gone (a zombie counts: the subreaper
-    collects it). Stragglers are killed even when the leader already died."""
-    kill_process_tree(pid, start, grace=grace, timeout=10.0)
-
-
-def _kill_pidfile(path: str, grace: float) -> None:
-    try:
-        with open(path, encoding="ascii") as f:
-            pid_s, start_s = f.read().split()
-    except (OSError, ValueError):
-        return
-    _kill_group(int(pid_s), int(start_s), grace)
-
+def _log(path: str) -> str:
+    return log_tail(path, _TAIL) or "(no output)"

@@ -11,7 +11,7 @@ Per slot, in the style of Firecracker's jailer:
 * identity: uid ``uid_base + slot`` (gid the same unless ``gid_base``), no
   capabilities, no_new_privs;
 * limits: cgroup ``<parent>/<pool>.<slot>`` with ``memory_limit`` bytes and
-  ``pids_limit`` tasks (see ``_cgroup``);
+  ``pids_limit`` tasks (see ``noodle.host.cgroup``);
 * the agent listens on ``/run/noodle/agent.sock`` inside, which is
   ``<slot>/sock/agent.sock`` on the host.
 
@@ -22,22 +22,21 @@ carries the pool name and the slot id, so ``clean`` needs no descriptor.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import select
 import shutil
-import struct
 import sys
-import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from noodle.errors import ConfigError, KindUnavailable, StepFailed
 from noodle.handle import AgentHandle
-from noodle.kinds._cgroup import Layout, SlotCgroup, detect, kill_process_tree, pid_start_time, same_process
-from noodle.kinds._mounts import mount, mounts_under, unmount_all
-from noodle.kinds.base import Kind, PoolInfo, SlotContext
+from noodle.host.cgroup import Layout, SlotCgroup, detect
+from noodle.host.launch import PASSED_FD, launch_detached, log_tail, read_exact, read_pidfile, write_pidfile
+from noodle.host.mounts import mount, mounts_under, unmount_all
+from noodle.host.proc import ProcessIdentity
+from noodle.kinds.base import AgentKind, PoolInfo, SlotContext
 
 _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT_FILE = os.path.join(_PKG, "agent.py")
@@ -47,15 +46,13 @@ _REPO_ROOTFS = os.path.join(
 INSIDE_SOCKET = "/run/noodle/agent.sock"
 INSIDE_AGENT = "/opt/noodle/agent.py"
 INSIDE_PYTHON = "/opt/python"
-_PID = struct.Struct("=q")
-# The ready pipe's fd number in the sandbox; fds are staged above _HIGH_FD.
-_READY_FD = 3
-_HIGH_FD = 64
+# The ready pipe's fd number in the sandbox
+_READY_FD = PASSED_FD
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _SUN_PATH_MAX = 107
 
 
-class JailKind(Kind):
+class JailKind(AgentKind):
     name = "jail"
     OPTIONS: ClassVar[Mapping[str, tuple[type | tuple[type, ...], Any]]] = {
         # Lower directory of the overlay root; images/jail/build.sh makes the
@@ -207,7 +204,12 @@ class JailKind(Kind):
         cg = self.slot_cgroup(slot.slot)
         if cg is not None:
             cg.kill_all(timeout)
-        _kill_pidfile(os.path.join(slot.dir, "pid"), timeout)
+        # the way back to a jail started without a cgroup, after a crash: its
+        # group's stragglers go even when the launcher is dead, never
+        # anything of a pid reused since
+        recorded = read_pidfile(os.path.join(slot.dir, "pid"))
+        if recorded is not None:
+            recorded.kill_tree(timeout=timeout)
         unmount_all(slot.dir, self.mount_source(slot.slot))
         if cg is not None:
             cg.remove(timeout)
@@ -280,9 +282,17 @@ class JailKind(Kind):
             os.unlink(sock)
         log_path = os.path.join(slot.dir, "log")
         argv, env = self._command(slot)
-        pid, ready_r = _launch(argv, env, log_path, cg)
-        start = pid_start_time(pid)
-        _write_pidfile(os.path.join(slot.dir, "pid"), pid, start)
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            proc = launch_detached(argv, log_path, env=env, pass_fd=ready_w,
+                                   in_child=cg.join_self if cg is not None else None)  # fmt: skip
+        except BaseException:
+            os.close(ready_r)
+            raise
+        finally:
+            os.close(ready_w)
+        pid, start = proc.pid, proc.start
+        write_pidfile(os.path.join(slot.dir, "pid"), proc)
         try:
             _wait_ready(ready_r, float(self.options["ready_timeout"]), log_path)
             handle = AgentHandle(sock, timeout=float(self.options["ready_timeout"]))
@@ -309,30 +319,16 @@ class JailKind(Kind):
         self._stop(pid if isinstance(pid, int) else 0, start if isinstance(start, int) else None, cg)
 
     def _stop(self, pid: int, start: int | None, cg: SlotCgroup | None) -> None:
+        """Kill the cgroup, then the launcher's process group (it is a session
+        leader) and its descendants (the pid namespace's init, the agent,
+        anything that left the group below them), even when the launcher is
+        dead: without a cgroup this is what stops the jail."""
         timeout = float(self.options["kill_timeout"])
         if cg is not None:
             cg.kill_all(timeout)
-        # also when the launcher is dead: its group may still hold the rest
-        _kill_group_and_wait(pid, start, timeout)
-
-    def health(self, descriptor: Mapping[str, Any], timeout: float) -> bool:
-        return self.client_health(descriptor, timeout)
+        ProcessIdentity(pid, start).kill_tree(timeout=timeout)
 
     # -- client side -------------------------------------------------------------
-
-    @classmethod
-    def client_handle(cls, descriptor: Mapping[str, Any]) -> AgentHandle:
-        return AgentHandle(str(descriptor["socket"]))
-
-    @classmethod
-    def client_health(cls, descriptor: Mapping[str, Any], timeout: float) -> bool:
-        """The launcher is still the process spawn started (pid + start time
-        from the descriptor, so a reused pid does not count) and the agent
-        answers a ping: an agent whose launcher died is not handed out."""
-        pid, start = descriptor.get("pid"), descriptor.get("start")
-        if not (isinstance(pid, int) and isinstance(start, int) and same_process(pid, start)):
-            return False
-        return AgentHandle.probe(str(descriptor["socket"]), timeout)
 
     @classmethod
     def instance_pids(cls, descriptor: Mapping[str, Any]) -> list[int]:
@@ -562,130 +558,12 @@ def _makedirs(path: str, mode: int) -> None:
 # -- process plumbing ------------------------------------------------------------
 
 
-def _launch(argv: list[str], env: dict[str, str], log_path: str, cg: SlotCgroup | None) -> tuple[int, int]:
-    """Start ``argv`` detached (double fork, so it is never the worker's
-    child: the supervisor, a subreaper, reaps it) as the leader of a new
-    session and process group, inside ``cg``.
-    Returns (its pid, the read end of the ready pipe)."""
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-    full_env = env or {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    try:
-        child = os.fork()
-        if child == 0:  # pragma: no cover - runs in the forked children
-            _launcher_child(argv, full_env, log_fd, ready_w, cg)
-        os.close(ready_w)
-        ready_w = -1
-        _, status = os.waitpid(child, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise StepFailed(f"launching the sandbox failed before exec: {_tail(log_path)}")
-        data = _read_exact(ready_r, _PID.size, 5.0)
-        if len(data) != _PID.size:
-            raise StepFailed(f"launching the sandbox failed: no pid reported; {_tail(log_path)}")
-        (pid,) = _PID.unpack(data)
-        return int(pid), ready_r
-    except BaseException:
-        os.close(ready_r)
-        raise
-    finally:
-        if ready_w >= 0:
-            os.close(ready_w)
-        os.close(log_fd)
-
-
-def _launcher_child(
-    argv: list[str], env: dict[str, str], log_fd: int, ready_w: int, cg: SlotCgroup | None
-) -> None:  # pragma: no cover - runs in the forked children
-    code = 1
-    try:
-        if os.fork() != 0:
-            os._exit(0)
-        # setsid here, in the process that execs: the launcher's pid is then
-        # the id of its session and process group, which _stop kills.
-        os.setsid()
-        code = 2
-        if cg is not None:
-            cg.join_self()
-        os.write(ready_w, _PID.pack(os.getpid()))
-        # Move the fds to keep above the targets first, so that no dup2
-        # overwrites one not yet placed: 0 null, 1+2 log, 3 ready.
-        log_hi = fcntl.fcntl(log_fd, fcntl.F_DUPFD, _HIGH_FD)
-        ready_hi = fcntl.fcntl(ready_w, fcntl.F_DUPFD, _HIGH_FD)
-        null = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(log_hi, 1)
-        os.dup2(log_hi, 2)
-        os.dup2(ready_hi, _READY_FD)
-        # Nothing of the worker (queues, segments, sockets) leaks inside.
-        os.closerange(_READY_FD + 1, 65536)
-        os.execve(argv[0], argv, env)  # noqa: S606 - argv is built by this module
-    except BaseException as exc:  # noqa: BLE001 - a forked child must never return into the worker
-        with contextlib.suppress(BaseException):
-            os.write(2, f"noodle jail launcher: {exc!r}\n".encode())
-    os._exit(code)
-
-
-def _read_exact(fd: int, n: int, timeout: float) -> bytes:
-    deadline = time.monotonic() + timeout
-    buf = b""
-    while len(buf) < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            break
-        chunk = os.read(fd, n - len(buf))
-        if not chunk:
-            break
-        buf += chunk
-    return buf
-
-
 def _wait_ready(ready_r: int, timeout: float, log_path: str) -> None:
-    data = _read_exact(ready_r, 1, timeout)
+    data = read_exact(ready_r, 1, timeout)
     if data == b"R":
         return
     if data:
-        raise StepFailed(f"unexpected ready byte {data!r}; {_tail(log_path)}")
+        raise StepFailed(f"unexpected ready byte {data!r}; log tail: {log_tail(log_path)}")
     ready, _, _ = select.select([ready_r], [], [], 0)
     why = "exited before it was ready" if ready else f"was not ready within {timeout} s"
-    raise StepFailed(f"the jail {why}: {_tail(log_path)}")
-
-
-def _tail(path: str, limit: int = 800) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - limit))
-            text = f.read().decode(errors="replace").strip()
-    except OSError:
-        return "(no log)"
-    return f"log tail: {text}" if text else "(log empty)"
-
-
-def _write_pidfile(path: str, pid: int, start: int | None) -> None:
-    with open(path, "w", encoding="ascii") as f:
-        f.write(f"{pid} {start if start is not None else 0}\n")
-
-
-def _kill_pidfile(path: str, timeout: float) -> None:
-    """Kill the jail recorded by spawn: the way back to a jail started
-    without a cgroup, after a crash. Its group's stragglers go even when the
-    launcher is dead, never anything of a pid reused since."""
-    try:
-        with open(path, encoding="ascii") as f:
-            pid_s, start_s = f.read().split()
-        pid, start = int(pid_s), int(start_s)
-    except (OSError, ValueError):
-        return
-    _kill_group_and_wait(pid, start or None, timeout)
-
-
-def _kill_group_and_wait(pid: int, start: int | None, timeout: float) -> None:
-    """SIGKILL the launcher's process group (it is a session leader) and its
-    descendants (the pid namespace's init, the agent, anything that left the
-    group below them), then wait until all are gone or zombies for the
-    subreaper to collect. Without a cgroup this is what stops the jail."""
-    kill_process_tree(pid, start, grace=0.0, timeout=timeout)
+    raise StepFailed(f"the jail {why}: log tail: {log_tail(log_path) or '(empty)'}")

@@ -42,6 +42,8 @@ from dataclasses import asdict
 from typing import Any, ClassVar
 
 from noodle.errors import ConfigError, InstanceError, InstanceGone, InstanceTimeout, KindUnavailable, StepFailed
+from noodle.host.launch import launch_detached, log_tail, read_pidfile, write_pidfile
+from noodle.host.proc import ProcessIdentity, is_alive
 from noodle.kinds import _qemu
 from noodle.kinds._qemu import MicrovmHandle, Qmp, VmConfig
 from noodle.kinds.base import Kind, PoolInfo, SlotContext
@@ -207,15 +209,15 @@ class MicrovmKind(Kind):
         )
         t0 = time.monotonic()
         deadline = t0 + timeout
-        pid = _qemu.launch_detached(argv, qemu_log)
+        proc = launch_detached(argv, qemu_log)
+        pid = proc.pid
         self._template_pid = pid
-        started = _qemu.start_time(pid)
         try:
             with Qmp(qmp_sock, timeout=max(1.0, deadline - time.monotonic()), pid=pid) as qmp:
                 handle = MicrovmHandle(agent_sock)
                 try:
                     while not handle.ping(min(5.0, max(0.1, deadline - time.monotonic()))):
-                        if not _qemu.alive(pid, started):
+                        if not proc.alive():
                             raise StepFailed("QEMU exited during boot")
                         if time.monotonic() > deadline:
                             raise StepFailed(f"the template's agent did not answer within {timeout} s")
@@ -231,12 +233,12 @@ class MicrovmKind(Kind):
                 with contextlib.suppress(_qemu.QmpError):
                     qmp.execute("quit")
         except BaseException as exc:
-            _qemu.kill_and_wait(pid, started)
+            proc.kill()
             self._template_pid = None
             if isinstance(exc, (StepFailed, InstanceGone, InstanceTimeout)):
-                raise StepFailed(f"{exc}{_log_tail(qemu_log)}") from None
+                raise StepFailed(f"{exc}{_qemu_log(qemu_log)}") from None
             raise
-        _qemu.kill_and_wait(pid, started, timeout=5.0)
+        proc.kill(timeout=5.0)
         self._template_pid = None
         self.mode, self.vm = cfg.accel, cfg
         with open(self.meta_path + ".tmp", "w") as f:
@@ -266,11 +268,12 @@ class MicrovmKind(Kind):
 
     def _kill_template(self) -> None:
         for pid in _qemu.find_qemu(guest_name(self.pool.name, "template")):
-            _qemu.kill_and_wait(pid, _qemu.start_time(pid))
+            if (proc := ProcessIdentity.of(pid)) is not None:
+                proc.kill()
 
     def helper_pids(self) -> set[int]:
         pid = self._template_pid
-        return {pid} if pid is not None and _qemu.alive(pid, None) else set()
+        return {pid} if pid is not None and is_alive(pid) else set()
 
     # -- worker side ----------------------------------------------------------------
 
@@ -303,16 +306,15 @@ class MicrovmKind(Kind):
     def clean(self, slot: SlotContext) -> None:
         name = guest_name(slot.pool, slot.slot)
         paths = self._paths(slot)
-        recorded = _qemu.read_pidfile(paths["pidfile"])
-        victims: dict[int, int | None] = {}
-        if recorded is not None:
-            pid, started = recorded
-            if _qemu.alive(pid, started) and _qemu.is_our_qemu(pid, name):
-                victims[pid] = started
+        recorded = read_pidfile(paths["pidfile"])
+        victims: dict[int, ProcessIdentity] = {}
+        if recorded is not None and recorded.alive() and _qemu.is_our_qemu(recorded.pid, name):
+            victims[recorded.pid] = recorded
         # A crash between launch and pidfile leaves no record: /proc knows.
         for pid in _qemu.find_qemu(name):
-            victims.setdefault(pid, _qemu.start_time(pid))
-        stuck = [pid for pid, started in victims.items() if not _qemu.kill_and_wait(pid, started)]
+            if pid not in victims and (proc := ProcessIdentity.of(pid)) is not None:
+                victims[pid] = proc
+        stuck = [pid for pid, proc in victims.items() if not proc.kill()]
         if stuck:
             raise StepFailed(f"QEMU pid(s) {stuck} of {name} survived SIGKILL")
         if paths["sock_dir"] != slot.dir:
@@ -339,9 +341,9 @@ class MicrovmKind(Kind):
         )
         timeout = float(self.options["restore_timeout"])
         deadline = time.monotonic() + timeout
-        pid = _qemu.launch_detached(argv, paths["log"])
-        started = _qemu.start_time(pid)
-        _qemu.write_pidfile(paths["pidfile"], pid, started)
+        proc = launch_detached(argv, paths["log"])
+        pid, started = proc.pid, proc.start
+        write_pidfile(paths["pidfile"], proc)
         try:
             with Qmp(paths["qmp"], timeout=timeout, pid=pid) as qmp:
                 # Nothing may be sent to the agent before this returns: a
@@ -370,9 +372,9 @@ class MicrovmKind(Kind):
             finally:
                 handle.close()
         except BaseException as exc:
-            _qemu.kill_and_wait(pid, started)
+            proc.kill()
             if isinstance(exc, (StepFailed, InstanceError, InstanceGone, InstanceTimeout, OSError)):
-                raise StepFailed(f"restoring {name} failed: {exc}{_log_tail(paths['log'])}") from None
+                raise StepFailed(f"restoring {name} failed: {exc}{_qemu_log(paths['log'])}") from None
             raise
         return {
             "pid": pid,
@@ -388,13 +390,13 @@ class MicrovmKind(Kind):
         started = descriptor.get("start")
         if not isinstance(pid, int) or pid <= 0:
             raise StepFailed(f"descriptor has no pid: {dict(descriptor)!r}")
-        started = started if isinstance(started, int) else None
-        if not _qemu.alive(pid, started):
+        proc = ProcessIdentity(pid, started if isinstance(started, int) else None)
+        if not proc.alive():
             return
         if not _qemu.is_our_qemu(pid, guest_name(slot.pool, slot.slot)):
             raise StepFailed(f"pid {pid} is not the QEMU of slot {slot.slot}; leaving it to clean")
         # A single-use guest has nothing worth a graceful shutdown.
-        if not _qemu.kill_and_wait(pid, started):
+        if not proc.kill():
             raise StepFailed(f"QEMU pid {pid} survived SIGKILL")
 
     # -- client side --------------------------------------------------------------------
@@ -405,8 +407,8 @@ class MicrovmKind(Kind):
 
     @classmethod
     def client_health(cls, descriptor: Mapping[str, Any], timeout: float) -> bool:
-        pid, started = descriptor.get("pid"), descriptor.get("start")
-        if not isinstance(pid, int) or not _qemu.alive(pid, started if isinstance(started, int) else None):
+        proc = ProcessIdentity.from_record(descriptor.get("pid"), descriptor.get("start"))
+        if proc is None or not proc.alive():
             return False
         return MicrovmHandle.probe(str(descriptor["agent"]), timeout)
 
@@ -417,12 +419,6 @@ def _hostname(slot: SlotContext) -> str:
     return "noodle-" + pool[: 63 - len("noodle-") - len(suffix)] + suffix
 
 
-def _log_tail(path: str, size: int = 600) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - size))
-            text = f.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
+def _qemu_log(path: str) -> str:
+    text = log_tail(path, 600)
     return f" (QEMU log: {text})" if text else ""

@@ -33,10 +33,7 @@ Runtime quirks handled here (measured on the target host, see DESIGN.md):
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
-import functools
 import glob
 import hashlib
 import json
@@ -47,13 +44,17 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from noodle.errors import ConfigError, KindUnavailable, StepFailed
 from noodle.handle import AgentHandle
+from noodle.host import cgroup
+from noodle.host.launch import log_tail
+from noodle.host.mounts import private_namespace_without, unmount_all
+from noodle.host.proc import ProcessIdentity, start_time, wait_gone
 from noodle.kinds._oci_spec import AGENT_DIR, SOCKET_DIR, SOCKET_NAME, SpecParams, build_spec
-from noodle.kinds.base import Kind, PoolInfo, SlotContext
+from noodle.kinds.base import AgentKind, PoolInfo, SlotContext
 
 log = logging.getLogger("noodle.kinds.oci")
 
@@ -66,7 +67,6 @@ DEFAULT_ROOTS = {"runc": "/run/runc", "crun": "/run/crun", "runsc": "/var/run/ru
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_ROOTFS = os.path.join(_REPO, "images", "build", "oci", "rootfs")
 IMAGE_MARKER = "etc/noodle-image"
-_UNIFIED = "/sys/fs/cgroup/unified"
 _SUN_PATH_MAX = 107
 _ID_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -90,220 +90,36 @@ def container_id(pool: str, slot: int) -> str:
     return f"noodle-{name}-{slot}"
 
 
-# -- small host helpers --------------------------------------------------------
-
-
-def _proc_stat(pid: int) -> tuple[bytes, int] | None:
-    """(state letter, start time in clock ticks since boot), zombies included."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # comm may contain spaces and parentheses: split after the last ')'.
-    fields = data[data.rfind(b")") + 2 :].split()
-    return fields[0], int(fields[19])
-
-
-def proc_start_time(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of a live, non-zombie pid, else None."""
-    st = _proc_stat(pid)
-    if st is None or st[0] in (b"Z", b"X"):
-        return None
-    return st[1]
-
-
-def _same_process(pid: object, start: object) -> list[int]:
-    """[pid] if that pid still exists, even as a zombie, and started at
-    ``start``; a zombie must still be handed to _wait_gone to be reaped."""
-    if not isinstance(pid, int) or pid <= 0:
-        return []
-    st = _proc_stat(pid)
-    if st is None or (isinstance(start, int) and st[1] != start):
-        return []
-    return [pid]
-
-
-def pid_matches(pid: int, start: int | None) -> bool:
-    now = proc_start_time(pid)
-    return now is not None and (start is None or now == start)
-
-
-def _wait_gone(pids: list[int], timeout: float) -> bool:
-    """Wait until none of ``pids`` is alive (a zombie counts as gone). When
-    this process is their subreaper, reap them: runsc's delete waits for the
-    sandbox pid to vanish, which a zombie never does until reaped."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for p in pids:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(p, os.WNOHANG)
-        if all(proc_start_time(p) is None for p in pids):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.005)
-
-
-def _read_mounts_now() -> list[tuple[str, str, str]]:
-    """(mount point, fs type, super options) of this mount namespace."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fstype, _source, opts = [*right.split(), "", ""][:3]
-            out.append((_unescape(left.split()[4]), fstype, opts))
-    return out
-
-
-@functools.cache
-def _mounts() -> tuple[tuple[str, str, str], ...]:
-    """Read once per process: cgroup hierarchies do not move under a worker."""
-    return tuple(_read_mounts_now())
-
-
-def _unescape(path: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
-
-
-def cgroup_hybrid() -> bool:
-    """v1 controllers plus a v2 mount at /sys/fs/cgroup/unified: the layout
-    crun 1.8 refuses."""
-    types = {mp: fstype for mp, fstype, _o in _mounts()}
-    return types.get(_UNIFIED) == "cgroup2" and types.get("/sys/fs/cgroup") != "cgroup2"
-
-
-def cgroup_roots() -> list[str]:
-    """Mount points of every cgroup hierarchy (v1 and v2)."""
-    return [mp for mp, fstype, _o in _mounts() if fstype in ("cgroup", "cgroup2")]
-
-
-def hierarchy_paths(cgroup_text: str) -> dict[str, str]:
-    """Map each hierarchy's mount point to the path a /proc/<pid>/cgroup
-    text names in it. v1 hierarchies are matched by their controllers (the
-    mount's super options), not by the mount point's name."""
-    by_ctrls: dict[frozenset[str], str] = {}
-    v2 = None
-    for line in cgroup_text.splitlines():
-        hid, ctrls, path = line.split(":", 2)
-        if hid == "0" and ctrls == "":
-            v2 = path
-        else:
-            by_ctrls[frozenset(ctrls.split(","))] = path
-    out: dict[str, str] = {}
-    for mp, fstype, opts in _mounts():
-        if fstype == "cgroup2" and v2 is not None:
-            out[mp] = v2
-        elif fstype == "cgroup":
-            names = {o for o in opts.split(",") if (o not in ("rw", "ro") and "=" not in o) or o.startswith("name=")}
-            for ctrl_set, cpath in by_ctrls.items():
-                if ctrl_set and ctrl_set <= names:
-                    out[mp] = cpath
-    return out
-
-
-def limits_available() -> str | None:
-    """None when memory and pids limits can be enforced, else why not."""
-    types = {mp: fstype for mp, fstype, _o in _mounts()}
-    if types.get("/sys/fs/cgroup") == "cgroup2":
-        try:
-            with open("/sys/fs/cgroup/cgroup.controllers") as f:
-                have = set(f.read().split())
-        except OSError as exc:
-            return f"cannot read cgroup v2 controllers: {exc}"
-        missing = {"memory", "pids"} - have
-        return f"cgroup v2 lacks controllers {sorted(missing)}" if missing else None
-    for ctrl in ("memory", "pids"):
-        if not os.path.exists(f"/sys/fs/cgroup/{ctrl}/cgroup.procs"):
-            return f"no cgroup v1 {ctrl} hierarchy at /sys/fs/cgroup/{ctrl}"
-    return None
-
-
-def _cgroup_text(pid: int | str) -> str:
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
 def candidate_cgroup_dirs(cid: str, recorded: list[str]) -> list[str]:
     """Where a container ``cid`` may have cgroups: at each hierarchy's root
     (crun), under this process's own cgroup (runc and runsc nest a relative
     path there), and wherever spawn saw them (a worker in another cgroup)."""
-    found: set[str] = {os.path.join(root, cid) for root in cgroup_roots()}
-    for mp, path in hierarchy_paths(_cgroup_text("self")).items():
+    found: set[str] = {os.path.join(root, cid) for root in cgroup.roots()}
+    for mp, path in cgroup.hierarchy_paths(cgroup.membership("self")).items():
         found.add(os.path.join(mp, path.lstrip("/"), cid))
     found.update(recorded)
     return sorted(p for p in found if os.path.isdir(p))
 
 
-def _cgroup_procs(path: str) -> list[int]:
-    pids: list[int] = []
-    for dirpath, _dirs, files in os.walk(path):
-        if "cgroup.procs" in files:
-            with contextlib.suppress(OSError), open(os.path.join(dirpath, "cgroup.procs")) as f:
-                pids.extend(int(x) for x in f.read().split())
-    return pids
-
-
-def _rmdir_tree(path: str) -> None:
-    """rmdir a cgroup and its children, deepest first (cgroupfs has no rm -r)."""
-    for dirpath, _dirs, _files in sorted(os.walk(path), key=lambda t: -t[0].count("/")):
-        with contextlib.suppress(FileNotFoundError):
-            os.rmdir(dirpath)
-
-
-_CLONE_NEWNS = 0x00020000
-_MS_REC = 0x4000
-_MS_PRIVATE = 1 << 18
-_MNT_DETACH = 2
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
 def _crun_private_mountns() -> None:
     """preexec_fn for crun on hybrid hosts: a private mount namespace without
-    the v2 mount, so crun sees pure v1. Only async-signal-safe libc calls on
-    symbols resolved before the fork."""
-    libc = _libc()
-    if libc.unshare(_CLONE_NEWNS) != 0:
-        os._exit(125)
-    if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
-        os._exit(125)
-    libc.umount2(_UNIFIED.encode(), _MNT_DETACH)
+    the v2 mount, so crun sees pure v1."""
+    private_namespace_without(cgroup.UNIFIED)
 
 
-def _umount_under(path: str) -> None:
-    """Detach anything mounted at or under ``path`` in this namespace (a
-    runtime that died half-way through setting up a bundle)."""
-    prefix = path.rstrip("/") + "/"
-    points = [mp for mp, _t, _o in _read_mounts_now() if mp == path or mp.startswith(prefix)]
-    libc = _libc()
-    for mp in sorted(points, key=len, reverse=True):
-        if libc.umount2(mp.encode(), _MNT_DETACH) != 0:
-            err = ctypes.get_errno()
-            if err not in (errno.EINVAL, errno.ENOENT):
-                raise StepFailed(f"umount {mp}: {os.strerror(err)}")
+def _tail(path: str) -> str:
+    return log_tail(path, 2000)
 
 
-def _tail(path: str, limit: int = 2000) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - limit))
-            return f.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
+def _recorded(pid: object, start: object) -> list[ProcessIdentity]:
+    proc = ProcessIdentity.from_record(pid, start)
+    return [proc] if proc is not None else []
 
 
 # -- the kind --------------------------------------------------------------------
 
 
-class OciKind(Kind):
+class OciKind(AgentKind):
     """An OCI bundle per slot, run by ``runtime`` (runc, crun or runsc)."""
 
     name: ClassVar[str] = "oci"
@@ -329,7 +145,8 @@ class OciKind(Kind):
     def __init__(self, pool: PoolInfo, options: Mapping[str, Any]) -> None:
         super().__init__(pool, options)
         self.runtime: str = self.options["runtime"]
-        self.rootfs: str = os.path.abspath(self.options["rootfs"] or DEFAULT_ROOTFS)
+        # realpath: the runtimes refuse a rootfs reached through a symlink
+        self.rootfs: str = os.path.realpath(self.options["rootfs"] or DEFAULT_ROOTFS)
         self.state_root: str = self.options["runtime_root"] or DEFAULT_ROOTS[self.runtime]
 
     @classmethod
@@ -378,7 +195,7 @@ class OciKind(Kind):
         return self.options["runtime_path"] or shutil.which(self.runtime) or self.runtime
 
     def _cgroups_on(self) -> bool:
-        return bool(self.options["cgroups"]) and limits_available() is None
+        return bool(self.options["cgroups"]) and cgroup.limits_available() is None
 
     # -- running the runtime ----------------------------------------------------
 
@@ -398,8 +215,7 @@ class OciKind(Kind):
 
     def _run(self, *args: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
         preexec = None
-        if self.runtime == "crun" and cgroup_hybrid():
-            _libc()  # load before the fork: the child only calls into it
+        if self.runtime == "crun" and cgroup.hybrid():
             preexec = _crun_private_mountns
         kw.setdefault("stdout", subprocess.PIPE)
         kw.setdefault("stderr", subprocess.PIPE)
@@ -450,7 +266,7 @@ class OciKind(Kind):
         python = os.path.join(self.options["host_usr"], os.path.relpath(self.options["python"], "/usr"))
         if not os.access(python, os.X_OK):
             raise KindUnavailable(f"oci: {python} (the agent's Python) is missing; install the Debian package python3")
-        why = limits_available()
+        why = cgroup.limits_available()
         if not self.options["cgroups"]:
             log.warning("oci: cgroups disabled by configuration: memory and pids limits are NOT enforced")
         elif why is not None:
@@ -537,12 +353,12 @@ class OciKind(Kind):
                 pid = int(f.read().strip())
         except (OSError, ValueError) as exc:
             raise StepFailed(f"{self.runtime} run left no pid file ({exc}): {_tail(console)}") from None
-        start = proc_start_time(pid)
+        start = start_time(pid)
         if start is None:
             raise StepFailed(f"container {cid} exited at once: {_tail(console)}")
         cgroups = [
             os.path.join(mp, path.lstrip("/"))
-            for mp, path in hierarchy_paths(_cgroup_text(pid)).items()
+            for mp, path in cgroup.hierarchy_paths(cgroup.membership(pid)).items()
             if path.rstrip("/").endswith("/" + cid)
         ]
         with open(os.path.join(bundle, "instance.json"), "w") as f:
@@ -568,7 +384,7 @@ class OciKind(Kind):
             budget = max(0.05, min(1.0, deadline - time.monotonic()))
             if os.path.exists(sock_path) and AgentHandle.probe(sock_path, budget):
                 return
-            if not pid_matches(pid, start):
+            if not ProcessIdentity(pid, start).alive():
                 raise StepFailed(f"container {cid} died before its agent was ready: {_tail(console)}")
             if time.monotonic() >= deadline:
                 raise StepFailed(
@@ -579,17 +395,19 @@ class OciKind(Kind):
 
     def terminate(self, slot: SlotContext, descriptor: Mapping[str, Any]) -> None:
         cid = str(descriptor.get("id") or self.cid(slot))
-        self._stop(cid, _same_process(descriptor.get("pid"), descriptor.get("start")))
+        self._stop(cid, _recorded(descriptor.get("pid"), descriptor.get("start")))
         if self.state_paths(cid):
             raise StepFailed(f"{self.runtime} left state for {cid}: {self.state_paths(cid)}")
 
-    def _stop(self, cid: str, pids: list[int]) -> None:
+    def _stop(self, cid: str, procs: list[ProcessIdentity]) -> None:
         """kill, wait for the init to go, then delete: runsc's delete of a
         live sandbox is slow, and a delete racing the kill can fail."""
         if not self.state_paths(cid):
             return
         self._run("kill", cid, "KILL", check=False)
-        if pids and not _wait_gone(pids, 10.0):
+        # reap too: runsc's delete waits for the sandbox pid to vanish, which
+        # a zombie never does, and we are its subreaper's child at worst
+        if procs and not wait_gone(procs, 10.0, reap=True):
             log.warning("oci: %s still alive 10 s after kill", cid)
         proc = self._run("delete", "--force", cid, check=False)
         if proc.returncode != 0 and self.state_paths(cid):
@@ -604,26 +422,28 @@ class OciKind(Kind):
         recorded: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError), open(os.path.join(bundle, "instance.json")) as f:
             recorded = json.load(f)
-        rstart = recorded.get("start")
-        pids = _same_process(recorded.get("pid"), rstart) if isinstance(rstart, int) else []
+        procs = _recorded(recorded.get("pid"), recorded.get("start"))
 
-        self._stop(cid, pids)
+        self._stop(cid, procs)
 
         # Whatever the runtime missed (a crash between create and start, a
         # runtime killed mid-command, cgroups=false): kill by cgroup and by
         # the recorded pid, then remove the cgroups.
         dirs = candidate_cgroup_dirs(cid, [str(p) for p in recorded.get("cgroups", []) if str(p).endswith(cid)])
-        stray = {p for d in dirs for p in _cgroup_procs(d)} | set(pids)
+        stray = {p for d in dirs for p in cgroup.procs_below(d)}
         for p in stray:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
-        if stray and not _wait_gone(sorted(stray), 10.0):
-            raise StepFailed(f"processes of {cid} survive SIGKILL: {sorted(stray)}")
+                os.kill(p, signal.SIGKILL)  # in the container's cgroup: no reused pid can be there
+        stray_procs = [q for p in stray if (q := ProcessIdentity.of(p)) is not None]
+        for q in procs:
+            q.signal(signal.SIGKILL)
+        if (stray_procs or procs) and not wait_gone([*stray_procs, *procs], 10.0, reap=True):
+            raise StepFailed(f"processes of {cid} survive SIGKILL: {sorted(stray | {q.pid for q in procs})}")
         for d in dirs:
             deadline = time.monotonic() + 5.0
             while os.path.isdir(d):
                 try:
-                    _rmdir_tree(d)
+                    cgroup.rmdir_tree(d)
                 except OSError as exc:
                     if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
                         raise StepFailed(f"cannot remove cgroup {d}: {exc}") from None
@@ -640,76 +460,11 @@ class OciKind(Kind):
                 else:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
-        _umount_under(bundle)
+        unmount_all(bundle)
         if os.path.lexists(bundle):
             shutil.rmtree(bundle)
         if self.state_paths(cid):
             raise StepFailed(f"state of {cid} survives clean: {self.state_paths(cid)}")
 
-    def health(self, descriptor: Mapping[str, Any], timeout: float) -> bool:
-        return self.client_health(descriptor, timeout)
 
-    # -- client side ----------------------------------------------------------------
-
-    @classmethod
-    def client_handle(cls, descriptor: Mapping[str, Any]) -> AgentHandle:
-        return AgentHandle(str(descriptor["socket"]))
-
-    @classmethod
-    def client_health(cls, descriptor: Mapping[str, Any], timeout: float) -> bool:
-        pid, start = descriptor.get("pid"), descriptor.get("start")
-        if not isinstance(pid, int) or not pid_matches(pid, start if isinstance(start, int) else None):
-            return False
-        return AgentHandle.probe(str(descriptor.get("socket", "")), timeout)
-
-
-def leftovers(pool: str, slot: int, runtime: str, state_root: str | None = None) -> list[str]:
-    """Everything of a slot's container still on the host: state entries,
-    cgroup directories, live processes whose cgroup names it. For tests and
-    leak checks; empty means clean."""
-    cid = container_id(pool, slot)
-    root = state_root or DEFAULT_ROOTS[runtime]
-    found: list[str] = []
-    if runtime == "runsc":
-        found += glob.glob(os.path.join(glob.escape(root), glob.escape(cid) + "_sandbox:*"))
-    elif os.path.lexists(os.path.join(root, cid)):
-        found.append(os.path.join(root, cid))
-    found += _find_cgroups(cid)
-    found += [f"pid {p}" for p in _pids_in_cgroup_named(cid)]
-    found += [f"mount {mp}" for mp, _t, _o in _read_mounts_now() if f"/{cid}/" in mp + "/"]
-    return found
-
-
-def _find_cgroups(cid: str) -> list[str]:
-    out = []
-    for root in cgroup_roots():
-        for dirpath, dirs, _files in _walk_limited(root, 6):
-            if cid in dirs:
-                out.append(os.path.join(dirpath, cid))
-    return out
-
-
-def _walk_limited(root: str, depth: int) -> Iterator[tuple[str, list[str], list[str]]]:
-    base = root.rstrip("/").count("/")
-    for dirpath, dirs, files in os.walk(root):
-        yield dirpath, dirs, files
-        if dirpath.count("/") - base >= depth:
-            dirs[:] = []
-
-
-def _pids_in_cgroup_named(cid: str) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cgroup") as f:
-                text = f.read()
-        except OSError:
-            continue
-        if any(line.rstrip("/").endswith("/" + cid) for line in text.splitlines()):
-            out.append(int(entry))
-    return out
-
-
-__all__ = ["OciKind", "container_id", "leftovers"]
+__all__ = ["OciKind", "container_id"]

@@ -20,18 +20,18 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from noodle import agent
 from noodle.errors import KindUnavailable, StepFailed
 from noodle.handle import AgentHandle
-from noodle.kinds.base import Kind, PoolInfo, SlotContext
-from noodle.procs import is_alive, kill_verified, start_time
+from noodle.host.launch import read_pidfile
+from noodle.host.proc import ProcessIdentity, start_time
+from noodle.kinds.base import AgentKind, PoolInfo, SlotContext
 
 
-class ProcessKind(Kind):
+class ProcessKind(AgentKind):
     name = "process"
     OPTIONS = {
         "preload": (list, []),
@@ -145,27 +145,12 @@ class ProcessKind(Kind):
         if isinstance(pid, int) and isinstance(start, int):
             _kill_group(pid, start)
 
-    # -- client side ------------------------------------------------------------
-
-    @classmethod
-    def client_handle(cls, descriptor: Mapping[str, Any]) -> AgentHandle:
-        return AgentHandle(str(descriptor["socket"]))
-
-    @classmethod
-    def client_health(cls, descriptor: Mapping[str, Any], timeout: float) -> bool:
-        pid, start = descriptor.get("pid"), descriptor.get("start")
-        if not (isinstance(pid, int) and isinstance(start, int) and is_alive(pid, start)):
-            return False
-        return AgentHandle.probe(str(descriptor.get("socket", "")), timeout)
-
 
 def _kill_recorded(slot: SlotContext) -> None:
     """Kill the instance the slot's pidfile records, if it still runs."""
-    pidfile = os.path.join(slot.dir, "instance.pid")
-    with contextlib.suppress(OSError, ValueError):
-        with open(pidfile) as f:
-            pid_s, start_s = f.read().split()
-        _kill_group(int(pid_s), int(start_s))
+    recorded = read_pidfile(os.path.join(slot.dir, "instance.pid"))
+    if recorded is not None and recorded.start:
+        _kill_group(recorded.pid, recorded.start)
 
 
 def _zygote_request(path: str, req: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -188,14 +173,9 @@ def _kill_group(pid: int, start: int, timeout: float = 5.0) -> None:
     """SIGKILL the instance's process group and wait until the leader is
     gone. The leader's start time guards against a reused pid; while any
     member of the group lives the kernel does not hand its id out again."""
-    leader_ok = start_time(pid) == start
-    if leader_ok:
-        kill_verified(pid, start, signal.SIGKILL, group=True)
-    elif start_time(pid) == 0:
+    leader = ProcessIdentity(pid, start)
+    if not leader.signal(signal.SIGKILL, group=True) and start_time(pid) is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)  # stragglers of a dead leader
-    deadline = time.monotonic() + timeout
-    while is_alive(pid, start):
-        if time.monotonic() > deadline:
-            raise StepFailed(f"instance pid {pid} survived SIGKILL for {timeout} s")
-        time.sleep(0.002)
+    if not leader.wait_gone(timeout):
+        raise StepFailed(f"instance pid {pid} survived SIGKILL for {timeout} s")

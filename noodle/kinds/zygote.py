@@ -27,7 +27,7 @@ import sys
 from typing import Any
 
 from noodle import agent
-from noodle.procs import start_time
+from noodle.host.proc import start_time
 
 _RLIMITS = {"as": resource.RLIMIT_AS, "nproc": resource.RLIMIT_NPROC, "cpu": resource.RLIMIT_CPU}
 
@@ -44,7 +44,7 @@ def _become_instance(req: dict[str, Any], listener: socket.socket) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     slot_dir = str(req["dir"])
     with open(os.path.join(slot_dir, "instance.pid"), "w") as f:
-        f.write(f"{os.getpid()} {start_time(os.getpid())}\n")
+        f.write(f"{os.getpid()} {start_time(os.getpid()) or 0}\n")
     for name, value in (req.get("rlimits") or {}).items():
         if value:
             resource.setrlimit(_RLIMITS[name], (int(value), int(value)))

@@ -34,7 +34,7 @@ import pytest
 
 import noodle
 from noodle import layout as L
-from noodle.procs import is_alive
+from noodle.host.proc import is_alive
 from tests.conftest import REPO, pool_processes, wait_for, zombies_of
 
 pytestmark = pytest.mark.timeout(900)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from noodle.errors import ConfigError, StepFailed
-from noodle.kinds._cgroup import pid_start_time
+from noodle.host.proc import start_time as pid_start_time
 from noodle.kinds.base import PoolInfo, SlotContext
 from noodle.kinds.command import CommandKind, ExecHandle
 

@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 
 from noodle.errors import ConfigError, KindUnavailable
-from noodle.kinds._cgroup import detect, pid_start_time
-from noodle.kinds._mounts import mountinfo
+from noodle.host.cgroup import detect
+from noodle.host.mounts import mountinfo
+from noodle.host.proc import start_time as pid_start_time
 from noodle.kinds.base import PoolInfo, SlotContext
 from noodle.kinds.jail import JailKind, build_skeleton
 

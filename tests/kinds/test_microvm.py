@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from noodle.errors import ConfigError, InstanceError, KindUnavailable
+from noodle.host.proc import ProcessIdentity, is_alive, start_time
 from noodle.kinds import _qemu, load_kind
 from noodle.kinds.base import PoolInfo
 from noodle.kinds.microvm import DEFAULT_IMAGE_DIR, MicrovmHandle, MicrovmKind, guest_name
@@ -57,7 +58,7 @@ def qemu_of_pool(pool: str) -> list[int]:
             continue
         argv = _qemu.cmdline(int(entry))
         if argv and "qemu-system" in argv[0] and any(a.startswith(prefix) for a in argv):
-            if _qemu.alive(int(entry), None):
+            if is_alive(int(entry)):
                 found.append(int(entry))
     return found
 
@@ -67,7 +68,7 @@ def assert_no_qemu(pool: str, wait: float = 10.0) -> None:
     while (left := qemu_of_pool(pool)) and time.monotonic() < deadline:
         time.sleep(0.05)
     for pid in left:  # do not let one test's leak break the next
-        _qemu.kill_and_wait(pid, None)
+        ProcessIdentity(pid, start_time(pid)).kill()
     assert not left, f"QEMU processes of pool {pool} left behind: {left}"
 
 
@@ -213,7 +214,7 @@ def test_lifecycle_on_the_setup_kind(template: Template) -> None:
         assert len(msgpack.packb(desc)) < 1024
         assert set(desc) >= {"pid", "start", "agent", "qmp", "mode"}
         assert desc["mode"] == kind.mode
-        assert _qemu.start_time(desc["pid"]) == desc["start"]
+        assert start_time(desc["pid"]) == desc["start"]
         assert guest_name(info.name, 3) in " ".join(_qemu.cmdline(desc["pid"]))
         handle = MicrovmKind.client_handle(desc)
         assert isinstance(handle, MicrovmHandle)
@@ -227,7 +228,7 @@ def test_lifecycle_on_the_setup_kind(template: Template) -> None:
         assert MicrovmKind.instance_pids(desc) == [desc["pid"]]
     finally:
         kind.terminate(ctx, desc)
-    assert not _qemu.alive(desc["pid"], desc["start"])
+    assert not ProcessIdentity(desc["pid"], desc["start"]).alive()
     assert not kind.health(desc, 2.0)
     kind.clean(ctx)
     assert not os.path.exists(ctx.dir)
@@ -264,7 +265,7 @@ def test_spawn_exec_health_terminate_clean(vmpool: Pool) -> None:
     again.close()
     assert vmpool.kind.health(desc, 10.0)
     vmpool.kind.terminate(ctx, desc)
-    assert not _qemu.alive(pid, desc["start"])
+    assert not ProcessIdentity(pid, desc["start"]).alive()
     vmpool.kind.terminate(ctx, desc)  # idempotent on a gone instance
     vmpool.kind.clean(ctx)
     assert not os.path.exists(ctx.dir)
@@ -306,7 +307,7 @@ def test_killed_qemu_is_unhealthy(vmpool: Pool) -> None:
     desc = _spawn(vmpool, 1)
     assert vmpool.kind.health(desc, 10.0)
     os.kill(desc["pid"], signal.SIGKILL)
-    assert _qemu.wait_gone(desc["pid"], desc["start"], 10.0)
+    assert ProcessIdentity(desc["pid"], desc["start"]).wait_gone(10.0)
     assert not vmpool.kind.health(desc, 2.0)
     assert not MicrovmKind.client_health(desc, 2.0)
     ctx = vmpool.info.slot(1)
@@ -321,10 +322,10 @@ def test_terminate_never_kills_a_reused_pid(vmpool: Pool) -> None:
     ctx = vmpool.info.slot(2)
     stale = dict(desc, start=desc["start"] - 1)  # the recorded process "ended", the pid was reused
     vmpool.kind.terminate(ctx, stale)
-    assert _qemu.alive(desc["pid"], desc["start"])
+    assert ProcessIdentity(desc["pid"], desc["start"]).alive()
     assert vmpool.kind.health(desc, 10.0)
     vmpool.kind.terminate(ctx, desc)
-    assert not _qemu.alive(desc["pid"], desc["start"])
+    assert not ProcessIdentity(desc["pid"], desc["start"]).alive()
 
 
 @pytest.mark.timeout(VM_TIMEOUT)
@@ -338,7 +339,7 @@ def test_clean_after_crash_without_descriptor(vmpool: Pool) -> None:
         ctx = vmpool.info.slot(slot)
         assert os.path.exists(desc["agent"]) and os.path.exists(desc["qmp"])
         vmpool.kind.clean(ctx)
-        assert not _qemu.alive(desc["pid"], desc["start"])
+        assert not ProcessIdentity(desc["pid"], desc["start"]).alive()
         assert not os.path.exists(desc["agent"]) and not os.path.exists(desc["qmp"])
         assert not os.path.exists(ctx.dir)
         assert guest_name(vmpool.info.name, slot) not in " ".join(
@@ -361,9 +362,9 @@ def test_names_do_not_collide_across_pools(vmpool: Pool, template: Template) -> 
     try:
         assert mine["agent"] != other["agent"] and mine["pid"] != other["pid"]
         vmpool.kind.clean(vmpool.info.slot(0))
-        assert not _qemu.alive(mine["pid"], mine["start"])
-        assert _qemu.alive(other["pid"], other["start"])
+        assert not ProcessIdentity(mine["pid"], mine["start"]).alive()
+        assert ProcessIdentity(other["pid"], other["start"]).alive()
         assert MicrovmKind.client_handle(other).exec(["cat", "/run/noodle/pool"]).stdout.strip() == template.pool.name
     finally:
         template.kind.clean(other_ctx)
-    assert not _qemu.alive(other["pid"], other["start"])
+    assert not ProcessIdentity(other["pid"], other["start"]).alive()

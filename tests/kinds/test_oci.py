@@ -23,6 +23,7 @@ import msgpack
 import pytest
 
 from noodle.errors import ConfigError, InstanceError, InstanceGone, KindUnavailable, StepFailed
+from noodle.host.proc import start_time as proc_start_time
 from noodle.kinds import load_kind
 from noodle.kinds.base import PoolInfo, SlotContext
 from noodle.kinds.oci import (
@@ -31,9 +32,8 @@ from noodle.kinds.oci import (
     RUNTIMES,
     OciKind,
     container_id,
-    leftovers,
-    proc_start_time,
 )
+from tests.kinds.ocilib import leftovers
 
 BUILD_HINT = "run images/oci/build.sh"
 

@@ -114,7 +114,7 @@ def unavailable(case: KindCase) -> str | None:
             return "neither bwrap (Debian package bubblewrap) nor unshare (util-linux) is installed"
         if not shutil.which("setpriv"):
             return "setpriv missing (Debian package util-linux)"
-        from noodle.kinds._cgroup import detect
+        from noodle.host.cgroup import detect
 
         try:
             detect()

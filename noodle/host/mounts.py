@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import functools
 import os
 
 from noodle.errors import StepFailed
 
 MNT_DETACH = 2
+CLONE_NEWNS = 0x00020000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
 
 
 def mount(source: str, target: str, fstype: str, options: str, flags: int = 0) -> None:
@@ -64,6 +70,24 @@ def mountinfo(path: str = "/proc/self/mountinfo") -> list[tuple[str, str, str, s
     return out
 
 
+@functools.cache
+def mount_table() -> tuple[tuple[str, str, str, str], ...]:
+    """``mountinfo()`` read once per process, for what does not move under
+    a running pool (the cgroup hierarchies)."""
+    return tuple(mountinfo())
+
+
+def private_namespace_without(path: str) -> None:
+    """In a forked child before exec: enter a private mount namespace and
+    detach ``path`` there. Only async-signal-safe libc calls on symbols
+    resolved at import (a crun on a hybrid cgroup host needs this)."""
+    if _libc.unshare(CLONE_NEWNS) != 0:
+        os._exit(125)
+    if _libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        os._exit(125)
+    _libc.umount2(path.encode(), MNT_DETACH)
+
+
 def mounts_under(directory: str, source: str | None = None) -> list[str]:
     """Mount points at or below ``directory`` (or whose source is ``source``),
     deepest and latest first, the order they must be unmounted in."""
@@ -95,7 +119,7 @@ def unmount_all(directory: str, source: str | None = None) -> None:
                 except FileNotFoundError:
                     pass
                 except OSError as exc:
-                    if exc.errno not in (22,):  # EINVAL: already gone
+                    if exc.errno != errno.EINVAL:  # already gone
                         raise StepFailed(f"cannot unmount {point}: {exc}") from None
     left = mounts_under(directory, source)
     if left:

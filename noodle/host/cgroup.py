@@ -1,4 +1,5 @@
-"""A per-slot cgroup with memory and pids limits.
+"""cgroups: finding the hierarchies, and a per-slot cgroup with memory and
+pids limits.
 
 cgroup v2 is used where its hierarchy offers the ``memory`` and ``pids``
 controllers; otherwise the v1 ``memory`` and ``pids`` hierarchies (hybrid
@@ -19,7 +20,8 @@ import time
 from dataclasses import dataclass
 
 from noodle.errors import KindUnavailable, StepFailed
-from noodle.kinds._mounts import mountinfo
+from noodle.host.mounts import mount_table
+from noodle.host.proc import ProcessIdentity, start_time
 
 _CONTROLLERS = ("memory", "pids")
 
@@ -44,7 +46,7 @@ def _write(path: str, value: str) -> None:
 
 def detect() -> Layout:
     """The hierarchy to use on this host; KindUnavailable when neither works."""
-    mounts = [(point, fstype, opts) for point, fstype, _, opts in mountinfo()]
+    mounts = [(point, fstype, opts) for point, fstype, _, opts in mount_table()]
     for point, fstype, _ in mounts:
         if fstype != "cgroup2":
             continue
@@ -161,11 +163,11 @@ class SlotCgroup:
         while True:
             pids = self.procs()
             for pid in pids:
-                seen.setdefault(pid, pid_start_time(pid))
+                seen.setdefault(pid, start_time(pid))
             if not pids:
                 # A task leaves the cgroup early in exit(); wait for the
                 # rest of its death too, so that "terminated" means gone.
-                pids = {pid for pid, start in seen.items() if same_process(pid, start)}
+                pids = {pid for pid, start in seen.items() if ProcessIdentity(pid, start).alive()}
                 if not pids:
                     return
             for pid in pids:
@@ -194,116 +196,76 @@ class SlotCgroup:
                     time.sleep(0.002)
 
 
-def pid_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (field 22 of stat),
-    or None when it is gone or a zombie. Pairs with the pid so that a
-    reused pid is never signalled."""
+# -- discovery for tools that place cgroups themselves (OCI runtimes) ------------
+
+UNIFIED = "/sys/fs/cgroup/unified"
+
+
+def roots() -> list[str]:
+    """Mount points of every cgroup hierarchy (v1 and v2)."""
+    return [mp for mp, fstype, _s, _o in mount_table() if fstype in ("cgroup", "cgroup2")]
+
+
+def hybrid() -> bool:
+    """v1 controllers plus a v2 mount at /sys/fs/cgroup/unified (crun 1.8
+    refuses this layout)."""
+    types = {mp: fstype for mp, fstype, _s, _o in mount_table()}
+    return types.get(UNIFIED) == "cgroup2" and types.get("/sys/fs/cgroup") != "cgroup2"
+
+
+def limits_available() -> str | None:
+    """None when memory and pids limits can be enforced here, else why not."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # comm may contain spaces and parentheses: split after the last ')'.
-    rest = data[data.rfind(b")") + 2 :].split()
-    if not rest or rest[0] == b"Z":
-        return None
-    return int(rest[19])
+        detect()
+    except KindUnavailable as exc:
+        return str(exc)
+    return None
 
 
-def same_process(pid: int, start: int | None) -> bool:
-    return pid > 0 and start is not None and pid_start_time(pid) == start
+def membership(pid: int | str) -> str:
+    """The text of /proc/<pid>/cgroup ('' when gone); ``pid`` may be "self"."""
+    try:
+        return _read(f"/proc/{pid}/cgroup")
+    except OSError:
+        return ""
 
 
-def _scan_procs() -> dict[int, tuple[int, int, int | None]]:
-    """Every process on the host: pid -> (ppid, pgid, start time or None
-    for a zombie)."""
-    out: dict[int, tuple[int, int, int | None]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        rest = data[data.rfind(b")") + 2 :].split()
-        if len(rest) < 20:
-            continue
-        start = None if rest[0] in (b"Z", b"X") else int(rest[19])
-        out[int(name)] = (int(rest[1]), int(rest[2]), start)
+def hierarchy_paths(cgroup_text: str) -> dict[str, str]:
+    """Map each hierarchy's mount point to the path a /proc/<pid>/cgroup
+    text names in it. v1 hierarchies are matched by their controllers (the
+    mount's super options), not by the mount point's name."""
+    by_ctrls: dict[frozenset[str], str] = {}
+    v2 = None
+    for line in cgroup_text.splitlines():
+        hid, ctrls, path = line.split(":", 2)
+        if hid == "0" and ctrls == "":
+            v2 = path
+        else:
+            by_ctrls[frozenset(ctrls.split(","))] = path
+    out: dict[str, str] = {}
+    for mp, fstype, _s, opts in mount_table():
+        if fstype == "cgroup2" and v2 is not None:
+            out[mp] = v2
+        elif fstype == "cgroup":
+            names = {o for o in opts.split(",") if (o not in ("rw", "ro") and "=" not in o) or o.startswith("name=")}
+            for ctrl_set, cpath in by_ctrls.items():
+                if ctrl_set and ctrl_set <= names:
+                    out[mp] = cpath
     return out
 
 
-def kill_process_tree(pid: int, start: int | None, grace: float = 0.0, timeout: float = 10.0) -> None:
-    """Kill the instance ``pid`` started at ``start`` with everything it
-    runs, and wait until all of it is gone (a zombie counts as gone: the
-    subreaper collects it).
+def procs_below(path: str) -> list[int]:
+    """Pids in the cgroup at ``path`` and every cgroup below it."""
+    pids: list[int] = []
+    for dirpath, _dirs, files in os.walk(path):
+        if "cgroup.procs" in files:
+            with contextlib.suppress(OSError):
+                pids.extend(int(x) for x in _read(os.path.join(dirpath, "cgroup.procs")).split())
+    return pids
 
-    "Everything" is the process group ``pid`` leads (the launchers call
-    setsid in the process they exec) and every descendant of a process
-    already found, so that children which left the group (setsid) go too
-    while they are still below the instance. The group is killed even when
-    its leader has already died, unless ``pid`` now names another live
-    process: a pid cannot be reused while a group of that id has members,
-    so a dead leader's group holds only the instance's stragglers.
 
-    With ``grace`` > 0, SIGTERM first and SIGKILL after ``grace`` seconds
-    (stragglers get SIGKILL as soon as the leader is gone); StepFailed when
-    something survives SIGKILL for ``timeout`` seconds.
-    """
-    if pid <= 0:
-        return
-    current = pid_start_time(pid)
-    if current is not None and current != start:
-        return  # pid reused by another process (or start unknown): not ours
-    tracked: dict[int, int] = {pid: current} if current is not None else {}
-
-    def live() -> dict[int, int]:
-        procs = _scan_procs()
-        leader = procs.get(pid)
-        if leader is None or leader[2] is None or leader[2] == start:  # the pid is not reused
-            for p, (_ppid, pgid, s) in procs.items():
-                if pgid == pid and s is not None:
-                    tracked.setdefault(p, s)
-        grown = True
-        while grown:  # descendants of anything tracked and still the same process
-            grown = False
-            for p, (ppid, _pgid, s) in procs.items():
-                if s is None or p in tracked or ppid not in tracked:
-                    continue
-                parent = procs.get(ppid)
-                if parent is not None and parent[2] == tracked[ppid]:
-                    tracked[p] = s
-                    grown = True
-        return {p: s for p, s in tracked.items() if (info := procs.get(p)) is not None and info[2] == s}
-
-    def signal_all(procs: dict[int, int], sig: int) -> None:
-        leader = pid_start_time(pid)
-        if leader is None or leader == start:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, sig)
-        for p, s in procs.items():
-            if pid_start_time(p) == s:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(p, sig)
-
-    phases = ([(signal.SIGTERM, grace)] if grace > 0 else []) + [(signal.SIGKILL, timeout)]
-    procs = live()
-    for sig, wait in phases:
-        if not procs:
-            return
-        signal_all(procs, sig)
-        deadline = time.monotonic() + wait
-        delay = 0.0005
-        while True:
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
-            procs = live()
-            if not procs:
-                return
-            if time.monotonic() > deadline:
-                break
-            if sig == signal.SIGKILL or pid not in procs:
-                # new children forked meanwhile; after the leader, stragglers go at once
-                signal_all(procs, signal.SIGKILL)
-    raise StepFailed(f"processes {sorted(procs)} of instance {pid} survived SIGKILL for {timeout} s")
+def rmdir_tree(path: str) -> None:
+    """rmdir a cgroup and its children, deepest first (cgroupfs has no rm -r)."""
+    for dirpath, _dirs, _files in sorted(os.walk(path), key=lambda t: -t[0].count("/")):
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(dirpath)
