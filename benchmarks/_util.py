@@ -236,6 +236,27 @@ def become_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
+def run_as_worker(fn: Callable[[], int]) -> int:
+    """Run ``fn`` in a forked worker while this process, a subreaper like
+    the supervisor, reaps the worker and every orphan it leaves (runsc's
+    delete waits until its sandbox's processes are reaped)."""
+    become_subreaper()
+    worker = os.fork()
+    if worker == 0:
+        code = 1
+        try:
+            code = fn()
+        finally:
+            os._exit(code)
+    while True:
+        pid, status = os.wait()
+        if pid == worker:
+            code = os.waitstatus_to_exitcode(status)
+            break
+    reap_orphans()
+    return code
+
+
 def reap_orphans() -> None:
     """Collect every child that has already exited, without blocking."""
     with contextlib.suppress(ChildProcessError):

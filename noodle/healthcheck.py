@@ -1,8 +1,8 @@
 """``check_health``: one full lifecycle on a scratch slot before start.
 
 clean -> prepare -> spawn -> health -> terminate -> clean, each bounded by
-``step_timeout``. The Rust original ran such a check and ignored its
-result; here any failure or timeout refuses the start, naming the step.
+``step_timeout``. Any failure or timeout refuses the start, naming the
+step, so a broken kind is found before a pool full of it is.
 The scratch slot id is ``pool_size`` (one past the last real slot), so its
 directory and names never collide with a real slot's.
 """

@@ -193,18 +193,6 @@ class Segment:
             mm.close()
             raise
 
-    @classmethod
-    def from_bytes_for_test(cls, pool: str, data: bytes) -> Segment:
-        """Validate and map arbitrary bytes (the attach fuzzer's entry)."""
-        mm = mmap.mmap(-1, max(len(data), 1))
-        mm[: len(data)] = data
-        try:
-            header = validate_header(bytes(mm[: min(len(data), L.HEADER_SIZE)]), len(data), pool)
-            return cls(pool, mm, header, owner=False)
-        except BaseException:
-            mm.close()
-            raise
-
     def close(self) -> None:
         if self._closed:
             return
@@ -259,11 +247,6 @@ class Segment:
         return bool(self.flags() & L.FLAG_SHUTDOWN)
 
     # -- slots ----------------------------------------------------------------------
-
-    def check_slot(self, slot: int) -> int:
-        if not isinstance(slot, int) or not 0 <= slot < self.pool_size:
-            raise SlotOutOfRange(f"slot {slot!r} is not in 0..{self.pool_size - 1}")
-        return slot
 
     def _slot_base(self, slot: int) -> int:
         if not isinstance(slot, int) or not 0 <= slot < self.pool_size:

@@ -17,8 +17,8 @@ from tests.conftest import pool_processes, wait_for, wait_full
 pytestmark = pytest.mark.timeout(180)
 
 
-def test_lifecycle_like_the_original(supervisor) -> None:
-    """The Rust original's test: get three, drop them, the pool refills,
+def test_basic_lifecycle(supervisor) -> None:
+    """The basic lifecycle: get three, drop them, the pool refills,
     shutdown makes get fail."""
     sup = supervisor("--pool-size", "4")
     pool = sup.attach()

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import noodle
 from noodle import layout as L
 from noodle.segment import Segment, segment_name
+from tests.segmentlib import segment_from_bytes
 
 
 @pytest.fixture
@@ -113,7 +114,7 @@ def test_crafted_header_with_valid_crc_but_lying_sizes(pool_name: str) -> None:
     liar = replace(h, pool_size=60000, ring_capacity=L.ring_capacity_for(60000))
     raw[: L.CRC_OFFSET + 4] = liar.pack()
     with pytest.raises(noodle.PoolCorrupt, match="inconsistent"):
-        Segment.from_bytes_for_test("fuzz", bytes(raw) + bytes(8192))
+        segment_from_bytes("fuzz", bytes(raw) + bytes(8192))
 
 
 _VALID = None
@@ -134,7 +135,7 @@ def _valid_bytes() -> bytes:
 def test_fuzz_attach_random_bytes(data: bytes) -> None:
     """Random bytes never crash attach: a NoodleError or a valid segment."""
     try:
-        s = Segment.from_bytes_for_test("fuzz", data)
+        s = segment_from_bytes("fuzz", data)
     except noodle.NoodleError:
         return
     s.snapshot()
@@ -150,7 +151,7 @@ def test_fuzz_attach_mutated_valid_segment(flips) -> None:
     for off, val in flips:
         data[off % len(data)] = val
     try:
-        s = Segment.from_bytes_for_test("fuzz", bytes(data))
+        s = segment_from_bytes("fuzz", bytes(data))
     except noodle.NoodleError:
         return
     try:

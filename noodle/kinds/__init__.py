@@ -1,4 +1,6 @@
-"""Instance kinds, found by name in the ``noodle.kinds`` entry-point group."""
+"""Instance kinds: the built-in ones listed here, and any other package's
+found by name in the ``noodle.kinds`` entry-point group (see README,
+"Writing a kind"), or named directly as ``pkg.module:Class``."""
 
 from __future__ import annotations
 
@@ -6,13 +8,13 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from noodle.errors import UnknownKind
-from noodle.kinds.base import Kind, PoolInfo, SlotContext
+from noodle.kinds.base import AgentKind, Kind, PoolInfo, SlotContext
 
-__all__ = ["Kind", "PoolInfo", "SlotContext", "available_kinds", "load_kind"]
+__all__ = ["BUILTIN_KINDS", "AgentKind", "Kind", "PoolInfo", "SlotContext", "available_kinds", "load_kind"]
 
-# Built-in kinds also resolve without installed metadata (a source checkout
-# on sys.path), so a broken install still gives a clear error, not a miss.
-_BUILTIN = {
+# The one list of built-in kinds. They are not entry points, so a source
+# checkout on sys.path (no installed metadata) knows them too.
+BUILTIN_KINDS = {
     "process": "noodle.kinds.process:ProcessKind",
     "jail": "noodle.kinds.jail:JailKind",
     "oci": "noodle.kinds.oci:OciKind",
@@ -22,7 +24,7 @@ _BUILTIN = {
 
 
 def _targets() -> dict[str, str]:
-    found = dict(_BUILTIN)
+    found = dict(BUILTIN_KINDS)
     for ep in entry_points(group="noodle.kinds"):
         found[ep.name] = ep.value
     return found

@@ -1,7 +1,8 @@
 """The ``command`` kind: every lifecycle step is a shell command template.
 
-The Rust original drove Firecracker through shell scripts; this kind keeps
-that escape hatch for any sandbox the other kinds do not cover.
+Many sandboxes (Firecracker, a site's own container scripts) are driven
+through shell scripts; this kind keeps that escape hatch for any sandbox
+the other kinds do not cover.
 
 Templates are run with ``/bin/sh -c`` (option ``shell``) and may name the
 fields ``{slot}``, ``{dir}``, ``{pool}`` and ``{run_dir}``; health and

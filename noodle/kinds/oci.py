@@ -13,7 +13,7 @@ The container id is ``noodle-<pool>-<slot>``, so ``clean`` finds a crashed
 slot's container, cgroups and state with no descriptor at all. Runtimes
 detach (``run --detach``): the container is never a child of the worker.
 
-Runtime quirks handled here (measured on the target host, see DESIGN.md):
+Runtime quirks handled here (measured on a Debian 12 host with crun 1.8):
 
 * crun 1.8 refuses hybrid cgroups. Every crun command runs in a private
   mount namespace in which the empty v2 mount ``/sys/fs/cgroup/unified`` is
