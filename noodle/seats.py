@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import time
 from dataclasses import dataclass
@@ -104,7 +105,7 @@ class WorkerSeats:
         """Collect every exited child: workers through their own handles, then
         anything else (instances, kind helpers, orphans adopted as subreaper)."""
         for seat in self.seats:
-            if seat.proc is not None and (code := seat.proc.exitcode) is not None:
+            if seat.proc is not None and (code := _exit_code(seat.proc)) is not None:
                 self.exited(seat, code)
         while True:
             try:
@@ -119,7 +120,7 @@ class WorkerSeats:
                     os.waitpid(info.si_pid, 0)
                 continue
             # it exited after the pass above: its handle collects it now
-            code = exited.proc.exitcode if exited.proc is not None else None
+            code = _exit_code(exited.proc) if exited.proc is not None else None
             if code is None:
                 with contextlib.suppress(ChildProcessError):
                     _, status = os.waitpid(info.si_pid, 0)
@@ -209,6 +210,7 @@ class WorkerSeats:
         at most ``kill_wait`` more: a worker that outlives SIGKILL (stuck in
         the kernel) is reported and left, never waited for without end."""
         self.stopping = True
+        self.reap()  # never signal the pid of a worker already gone
         for seat in self.seats:
             if seat.pid:
                 with contextlib.suppress(ProcessLookupError):
@@ -234,3 +236,18 @@ class WorkerSeats:
                 return not any(seat.pid for seat in self.seats)
             time.sleep(0.01)
         return True
+
+
+def _exit_code(proc: Any) -> int | None:
+    """The worker's exit code, None while it runs. Its sentinel (a pipe end
+    only the worker holds) reads EOF once it has exited, even when its exit
+    status was collected by someone else: then the code is unknown, -1."""
+    code = proc.exitcode
+    if code is None:
+        ready, _, _ = select.select([proc.sentinel], [], [], 0)
+        if not ready:
+            return None
+        # it closes the sentinel a moment before its status can be collected
+        proc.join(1.0)
+        code = proc.exitcode
+    return -1 if code is None else int(code)

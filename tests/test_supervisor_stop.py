@@ -51,7 +51,15 @@ DRIVER = textwrap.dedent(
     workers.reap()
     workers.top_up()
     replaced = a.pid not in (0, old_a) and state_of(a.pid) not in ("", "Z")
-    print(json.dumps({"emptied": emptied, "replaced": replaced}), flush=True)
+    # some other code in the supervisor collects a worker's status itself
+    c = workers.seats[2]
+    old_c = c.pid
+    kill_and_wait_zombie(old_c)
+    os.waitpid(old_c, 0)
+    workers.reap()
+    workers.top_up()
+    seen = c.pid not in (0, old_c) and state_of(c.pid) not in ("", "Z")
+    print(json.dumps({"emptied": emptied, "replaced": replaced, "seen": seen}), flush=True)
     sup.begin_shutdown()
     sup.stop_workers()
     sup.teardown()
@@ -64,7 +72,7 @@ def test_worker_collected_by_another_fork_is_still_seen(pool_name: str, run_root
     proc = subprocess.run([sys.executable, "-c", DRIVER, pool_name, run_root], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=HANG)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.splitlines()[0]) == {"emptied": True, "replaced": True}, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[0]) == {"emptied": True, "replaced": True, "seen": True}, proc.stderr
 
 
 def test_group_sigterm_stops_quietly(pool_name: str, run_root: str, tmp_path: Path) -> None:

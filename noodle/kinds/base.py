@@ -152,9 +152,6 @@ class AgentKind(Kind):
     Their descriptor names the ``socket`` and the ``pid`` + ``start`` of the
     process that holds the instance (so a reused pid does not count)."""
 
-    def health(self, descriptor: Mapping[str, Any], timeout: float) -> bool:
-        return self.client_health(descriptor, timeout)
-
     @classmethod
     def client_handle(cls, descriptor: Mapping[str, Any]) -> AgentHandle:
         return AgentHandle(str(descriptor["socket"]))
