@@ -649,7 +649,8 @@ def get_vs_queues(samples: int, reps: int, cpu: int | None) -> dict[str, Any]:
     timers: list[int] = []
     for _ in range(reps):
         runs = [(f"get{n}", lambda n=n: api_rounds(samples // reps, cpu, n)) for n in GET_SIZES]
-        runs += [("mq", lambda: mq_prefilled(samples // reps, cpu)), ("mpq", lambda: mpq_prefilled(samples // reps, cpu))]
+        runs += [("mq", lambda: mq_prefilled(samples // reps, cpu)),
+                 ("mpq", lambda: mpq_prefilled(samples // reps, cpu))]  # fmt: skip
         for key, fn in runs:
             res = fn()
             raw.setdefault(key, []).extend(res["first"])
@@ -659,7 +660,8 @@ def get_vs_queues(samples: int, reps: int, cpu: int | None) -> dict[str, Any]:
     st = {k: U.summary(v) for k, v in raw.items()}
     bst = {k: U.summary(v) for k, v in batch.items()}
     net = {k: round(v["p50"] - t50, 1) for k, v in st.items()}
-    labels = {"mq": "posix_ipc.MessageQueue.receive, prefilled (10)", "mpq": "multiprocessing.Queue.get, prefilled (500)"}
+    labels = {"mq": "posix_ipc.MessageQueue.receive, prefilled (10)",
+              "mpq": "multiprocessing.Queue.get, prefilled (500)"}  # fmt: skip
     rows = [[f"Pool.get(timeout=0), {n} slots" if k.startswith("get") else labels[k], st[k]["p50"], st[k]["p99"],
              net[k], bst[k].get("p50"), st[k]["n"]]
             for k, n in [(f"get{n}", n) for n in GET_SIZES] + [("mq", 0), ("mpq", 0)]]  # fmt: skip

@@ -186,7 +186,7 @@ def _kill_rounds(seg: Segment, size: int, me: int, pool_name: str) -> None:
     # ...and the turn passed on from waiters that were killed while queued
     skipped = 0
     while (head := seg.core.head_waiter()) is not None:
-        ticket, pid, registered = head
+        ticket, pid, registered, _start = head
         assert not registered or not os.path.exists(f"/proc/{pid}") or pid == me
         assert seg.core.skip_waiter(ticket)
         skipped += 1

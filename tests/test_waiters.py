@@ -128,7 +128,7 @@ def test_dead_head_waiter_is_skipped(pool_name: str) -> None:
         pids, r = _start_waiters(seg, pool_name, 2, 30_000_000_000)
         os.kill(pids[0], signal.SIGKILL)
         os.waitpid(pids[0], 0)
-        ticket, pid, registered = seg.core.head_waiter()
+        ticket, pid, registered, _start = seg.core.head_waiter()
         assert pid == pids[0] and registered
         assert seg.core.skip_waiter(ticket)
         make_ready(seg, 0)
