@@ -27,6 +27,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
 #include <limits.h>
@@ -628,6 +629,97 @@ static int descriptor_plausible(const uint8_t *d, uint32_t n, uint32_t cap) {
     return (d[0] >= 0x80 && d[0] <= 0x8f) || d[0] == 0xde || d[0] == 0xdf;
 }
 
+/* ---- LeaseBase: the fields of noodle.client.Lease, filled in C -------------
+   Building the lease object here, not in a Python __init__, is most of what
+   makes Pool.get() cost little more than the acquire itself. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *pool, *raw, *desc, *instance;
+    long long slot;
+    unsigned long long generation;
+    long owner_pid;
+    char released;
+} LeaseBase;
+
+static void lease_dealloc(LeaseBase *self) {
+    Py_CLEAR(self->pool);
+    Py_CLEAR(self->raw);
+    Py_CLEAR(self->desc);
+    Py_CLEAR(self->instance);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef lease_members[] = {
+    {"slot", T_LONGLONG, offsetof(LeaseBase, slot), 0, "slot id"},
+    {"generation", T_ULONGLONG, offsetof(LeaseBase, generation), 0, "the slot's generation when leased"},
+    {"_pool", T_OBJECT, offsetof(LeaseBase, pool), 0, NULL},
+    {"_raw", T_OBJECT, offsetof(LeaseBase, raw), 0, NULL},
+    {"_desc", T_OBJECT, offsetof(LeaseBase, desc), 0, NULL},
+    {"_instance", T_OBJECT, offsetof(LeaseBase, instance), 0, NULL},
+    {"_owner_pid", T_LONG, offsetof(LeaseBase, owner_pid), 0, NULL},
+    {"_released", T_BOOL, offsetof(LeaseBase, released), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject LeaseBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "noodle._shm.LeaseBase",
+    .tp_basicsize = sizeof(LeaseBase),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)lease_dealloc,
+    .tp_members = lease_members,
+    .tp_doc = "Storage of a lease (subclassed by noodle.client.Lease).",
+};
+
+/* lease(cls, pool, timeout_ns, stale_ns) -> cls instance or a status int:
+   get() building the lease object directly (cls: a LeaseBase subclass
+   adding no fields). */
+static PyObject *core_lease(Core *self, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_OPEN(self);
+    if (nargs != 4 || !PyType_Check(args[0]) || !PyType_IsSubtype((PyTypeObject *)args[0], &LeaseBaseType) ||
+        ((PyTypeObject *)args[0])->tp_basicsize != LeaseBaseType.tp_basicsize) {
+        PyErr_SetString(PyExc_TypeError, "lease(cls, pool, timeout_ns, stale_ns): cls extends LeaseBase, no fields");
+        return NULL;
+    }
+    PyTypeObject *cls = (PyTypeObject *)args[0];
+    long long timeout = PyLong_AsLongLong(args[2]);
+    if (timeout == -1 && PyErr_Occurred()) return NULL;
+    unsigned long long stale = PyLong_AsUnsignedLongLong(args[3]);
+    if (stale == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    uint32_t slot = 0;
+    uint64_t gen = 0;
+    self->inflight++;
+    for (;;) {
+        int st = do_acquire(self, timeout, stale, &slot, &gen);
+        if (st != ST_OK) {
+            leave(self);
+            return st < 0 ? NULL : PyLong_FromLong(st);
+        }
+        uint8_t *rec = slot_rec(self, slot);
+        uint32_t n = __atomic_load_n((uint32_t *)(rec + R_DESC_LEN), __ATOMIC_ACQUIRE);
+        if (!descriptor_plausible(rec + 64, n, self->desc_cap)) {
+            give_back(self, slot, gen);
+            count(self, K_UNHEALTHY_ON_GET, 1);
+            continue;
+        }
+        PyObject *raw = PyBytes_FromStringAndSize((const char *)rec + 64, (Py_ssize_t)n);
+        leave(self);
+        if (!raw) return NULL;
+        LeaseBase *l = (LeaseBase *)cls->tp_alloc(cls, 0);
+        if (!l) {
+            Py_DECREF(raw);
+            return NULL;
+        }
+        Py_INCREF(args[1]);
+        l->pool = args[1];
+        l->raw = raw;
+        l->slot = slot;
+        l->generation = gen;
+        l->owner_pid = (long)g_pid;
+        return (PyObject *)l;
+    }
+}
+
 /* get(timeout_ns, stale_ns) -> (slot, gen, descriptor bytes) or a status int.
    The client's whole get in one call. stale_ns > 0: refuse with
    ST_HEARTBEAT when the supervisor's heartbeat is older (checked with the
@@ -990,6 +1082,8 @@ static PyMethodDef core_methods[] = {
     {"acquire", (PyCFunction)(void (*)(void))core_acquire, METH_FASTCALL, "acquire(timeout_ns) -> (status, slot, gen)"},
     {"get", (PyCFunction)(void (*)(void))core_get, METH_FASTCALL,
      "get(timeout_ns, stale_ns) -> (slot, gen, descriptor) or status"},
+    {"lease", (PyCFunction)(void (*)(void))core_lease, METH_FASTCALL,
+     "lease(cls, pool, timeout_ns, stale_ns) -> cls instance or status"},
     {"rebuild_ring", (PyCFunction)core_rebuild_ring, METH_NOARGS, "Empty the ring at positions past head and tail."},
     {"release", (PyCFunction)(void (*)(void))core_release, METH_FASTCALL, "release(slot, gen) -> status"},
     {"publish", (PyCFunction)core_publish, METH_VARARGS, "publish(slot, expected_word, descriptor) -> status"},
@@ -1099,12 +1193,18 @@ static struct PyModuleDef shm_module = {
 };
 
 PyMODINIT_FUNC PyInit__shm(void) {
-    if (PyType_Ready(&CoreType) < 0) return NULL;
+    if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&LeaseBaseType) < 0) return NULL;
     PyObject *m = PyModule_Create(&shm_module);
     if (!m) return NULL;
     Py_INCREF(&CoreType);
     if (PyModule_AddObject(m, "Core", (PyObject *)&CoreType) < 0) {
         Py_DECREF(&CoreType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&LeaseBaseType);
+    if (PyModule_AddObject(m, "LeaseBase", (PyObject *)&LeaseBaseType) < 0) {
+        Py_DECREF(&LeaseBaseType);
         Py_DECREF(m);
         return NULL;
     }

@@ -21,6 +21,7 @@ from typing import Any
 
 from noodle import layout as L
 from noodle import queues
+from noodle._shm import LeaseBase
 from noodle.errors import (
     InstanceGone,
     LeaseReleased,
@@ -48,25 +49,25 @@ _STALE_NS = int(HEARTBEAT_STALE * 1e9)
 _SHUTDOWN = int(L.Status.SHUTDOWN)
 _CLOSED = int(L.Status.CLOSED)
 _HEARTBEAT = int(L.Status.HEARTBEAT)
+_UNTRIED = -1  # not a status: the first try was skipped (health check on)
 
 
-class Lease:
+class Lease(LeaseBase):
     """One instance, held until released. Use as a context manager.
 
-    ``descriptor`` is decoded from its msgpack bytes on first use: most
-    holders only touch ``instance`` or the descriptor once, and decoding
-    was the largest share of ``get()``."""
+    Its fields (``slot``, ``generation`` and the private ones) live in
+    ``noodle._shm.LeaseBase``, filled by the C core in the same call that
+    takes the slot. ``descriptor`` is decoded from its msgpack bytes on
+    first use: decoding was the largest share of ``get()``."""
 
-    __slots__ = ("_desc", "_instance", "_owner_pid", "_pool", "_raw", "_released", "generation", "slot")
+    __slots__ = ()
+    _pool: Pool
 
     def __init__(self, pool: Pool, slot: int, generation: int, raw: bytes) -> None:
         self._pool = pool
         self.slot = slot
         self.generation = generation
         self._raw = raw
-        self._desc: dict[str, Any] | None = None
-        self._instance: Any = _UNSET
-        self._released = False
         self._owner_pid = _PID[0]
 
     def __repr__(self) -> str:
@@ -92,7 +93,7 @@ class Lease:
         """The kind's client handle (e.g. an AgentHandle with run/call)."""
         if self._released:
             raise LeaseReleased(f"lease of slot {self.slot} (gen {self.generation}) was released")
-        if self._instance is _UNSET:
+        if self._instance is None:
             desc = self.descriptor
             try:
                 self._instance = self._pool._handle(desc)
@@ -107,7 +108,7 @@ class Lease:
             return False
         self._released = True
         inst = self._instance
-        if inst is not _UNSET and hasattr(inst, "close"):
+        if inst is not None and hasattr(inst, "close"):
             with contextlib.suppress(Exception):
                 inst.close()
         return self._pool._release(self.slot, self.generation)
@@ -144,7 +145,7 @@ class Pool:
                 self._kind = None
             self._terminate_q = queues.open_queue(name, "terminate")
             self._default_timeout, self._default_health = self._seg.policy()
-            self._core_get = self._seg.core.get
+            self._core_lease = self._seg.core.lease
         except BaseException:
             self._seg.close()
             raise
@@ -185,12 +186,15 @@ class Pool:
             raise PoolClosed(f"pool handle {self.name!r} was closed")
         # first try: one C call, no deadline arithmetic; the C core checks the
         # supervisor's heartbeat with the clock read it makes anyway
-        r = self._core_get(0, _STALE_NS)
-        if r.__class__ is tuple and not (self._default_health if health is None else health):
-            return Lease(self, *r)
+        if not (self._default_health if health is None else health):
+            r = self._core_lease(Lease, self, 0, _STALE_NS)
+            if r.__class__ is Lease:
+                return r
+        else:
+            r = _UNTRIED
         return self._get_slow(r, timeout, health)
 
-    def _get_slow(self, r: tuple[int, int, bytes] | int, timeout: float | None, health: bool | None) -> Lease:
+    def _get_slow(self, r: LeaseBase | int, timeout: float | None, health: bool | None) -> Lease:
         seg = self._seg
         if timeout is _UNSET:
             timeout = self._default_timeout
@@ -201,9 +205,8 @@ class Pool:
             if r == _HEARTBEAT:
                 self._check_live()  # raises PoolNotFound when the supervisor is gone
                 stale = 0
-            elif r.__class__ is tuple:
-                slot, gen, raw = r
-                lease = Lease(self, slot, gen, raw)
+            elif isinstance(r, Lease):
+                lease = r
                 if not (check and self._kind is not None):
                     return lease
                 budget = 2.0 if deadline is None else max(0.05, min(2.0, deadline - time.monotonic()))
@@ -216,13 +219,13 @@ class Pool:
                 if healthy:
                     return lease
                 seg.count("unhealthy_on_get")
-                log.warning("slot %d gen %d failed its health check on get; replacing it", slot, gen)
+                log.warning("slot %d gen %d failed its health check on get; replacing it", r.slot, r.generation)
                 lease.release()
             elif r == _SHUTDOWN:
                 raise PoolShuttingDown(f"pool {self.name!r} is shutting down")
             elif r == _CLOSED:
                 raise PoolClosed(f"pool handle {self.name!r} was closed")
-            elif deadline is not None and time.monotonic() >= deadline:
+            elif r != _UNTRIED and deadline is not None and time.monotonic() >= deadline:
                 if not is_alive(seg.header.creator_pid, seg.header.creator_start):
                     raise PoolNotFound(f"the supervisor of pool {self.name!r} is gone")
                 raise PoolStarved(f"no instance of pool {self.name!r} became ready within {timeout} s")
@@ -230,7 +233,7 @@ class Pool:
                 raise PoolClosed(f"pool handle {self.name!r} was closed")
             remaining = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1e9))
             try:
-                r = self._core_get(remaining, stale)
+                r = self._core_lease(Lease, self, remaining, stale)
             except ValueError:
                 # the core was closed by another thread between our check and the call
                 raise PoolClosed(f"pool handle {self.name!r} was closed") from None
