@@ -298,7 +298,7 @@ static void cancel_ticket(Core *c, uint32_t t, uint32_t pid) {
 }
 
 /* Pop ids until one leases; stale and out-of-range ids are dropped. */
-static int pop_and_lease(Core *c, uint32_t *slot_out, uint64_t *gen_out) {
+static int pop_and_lease(Core *c, uint64_t now, uint32_t *slot_out, uint64_t *gen_out) {
     uint32_t v;
     int st;
     while ((st = ring_pop(c, &v)) == ST_OK) {
@@ -316,7 +316,7 @@ static int pop_and_lease(Core *c, uint32_t *slot_out, uint64_t *gen_out) {
                    gen first (acquire) and then start sees a consistent pair */
                 __atomic_store_n((uint64_t *)(rec + R_OWNER_START), g_start, __ATOMIC_RELAXED);
                 __atomic_store_n((uint32_t *)(rec + R_OWNER_GEN), (uint32_t)W_GEN(w), __ATOMIC_RELEASE);
-                __atomic_store_n((uint64_t *)(rec + R_ENTERED), now_ns(), __ATOMIC_RELAXED);
+                __atomic_store_n((uint64_t *)(rec + R_ENTERED), now, __ATOMIC_RELAXED);
                 *slot_out = v;
                 *gen_out = W_GEN(w);
                 return ST_OK;
@@ -350,7 +350,7 @@ static int acquire_now(Core *c, uint64_t stale_ns, uint32_t *slot, uint64_t *gen
     uint32_t tn = __atomic_load_n(U32(c, H_TURN), __ATOMIC_SEQ_CST);
     /* fast path only when nobody queues: a newcomer never overtakes a waiter */
     if (__atomic_load_n(U32(c, H_TICKETS), __ATOMIC_SEQ_CST) != tn) return ST_EMPTY;
-    if (pop_and_lease(c, slot, gen) != ST_OK) return ST_EMPTY;
+    if (pop_and_lease(c, t0, slot, gen) != ST_OK) return ST_EMPTY;
     observe(c, HIST_ACQUIRE, now_ns() - t0);
     return ST_OK;
 }
@@ -398,7 +398,7 @@ static int acquire_wait(Core *c, Wait *ws, uint32_t *slot, uint64_t *gen) {
         if (shutting_down(c)) { cancel_ticket(c, my, g_pid); ws->queued = 0; return ST_SHUTDOWN; }
         uint32_t tn = __atomic_load_n(turnp, __ATOMIC_SEQ_CST);
         if (tn == my) {
-            if (pop_and_lease(c, slot, gen) == ST_OK) {
+            if (pop_and_lease(c, now_ns(), slot, gen) == ST_OK) {
                 ws->queued = 0;
                 pass_turn(c, my);
                 observe(c, HIST_WAIT, now_ns() - ws->t0);
