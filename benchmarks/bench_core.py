@@ -301,10 +301,13 @@ def pool_rounds(size: int, samples: int, cpu: int | None) -> dict[str, Any]:
         seg.unlink()
 
 
-def api_rounds(samples: int, cpu: int | None) -> dict[str, Any]:
-    """Pool.get(timeout=0) + Lease.release() (includes the terminate-task send)."""
-    name = f"{PREFIX}api"
-    k = queues.system_max_messages()
+def api_rounds(samples: int, cpu: int | None, size: int | None = None) -> dict[str, Any]:
+    """Pool.get(timeout=0) + Lease.release() (includes the terminate-task send).
+    With ``size``, a pool of that many slots taken whole each round (the
+    terminate queue then fills after 10 releases: the rest count queue_full,
+    which is how Pool.get() is measured against pool size)."""
+    name = f"{PREFIX}api{size or ''}"
+    k = size or queues.system_max_messages()
     seg = Segment.create(name, k, "process")
     qs = queues.create_all(name)
     try:
@@ -633,11 +636,78 @@ def wake_latency(n_per_block: int, blocks: int, pp_n: int) -> dict[str, Any]:
 # ---- main -----------------------------------------------------------------------------
 
 
+GET_SIZES = (8, 256, 4096)
+
+
+def get_vs_queues(samples: int, reps: int, cpu: int | None) -> dict[str, Any]:
+    """Pool.get(timeout=0) through the public API (full pool, health off) at
+    8, 256 and 4096 slots, side by side with a prefilled POSIX mq receive and
+    multiprocessing.Queue.get, repetitions interleaved. Returns the rows and
+    the target table."""
+    raw: dict[str, list[int]] = {}
+    batch: dict[str, list[float]] = {}
+    timers: list[int] = []
+    for _ in range(reps):
+        runs = [(f"get{n}", lambda n=n: api_rounds(samples // reps, cpu, n)) for n in GET_SIZES]
+        runs += [("mq", lambda: mq_prefilled(samples // reps, cpu)),
+                 ("mpq", lambda: mpq_prefilled(samples // reps, cpu))]  # fmt: skip
+        for key, fn in runs:
+            res = fn()
+            raw.setdefault(key, []).extend(res["first"])
+            batch.setdefault(key, []).extend(res["batch_first"])
+            timers.extend(res["timer"])
+    t50 = U.summary(timers)["p50"]
+    st = {k: U.summary(v) for k, v in raw.items()}
+    bst = {k: U.summary(v) for k, v in batch.items()}
+    net = {k: round(v["p50"] - t50, 1) for k, v in st.items()}
+    labels = {"mq": "posix_ipc.MessageQueue.receive, prefilled (10)",
+              "mpq": "multiprocessing.Queue.get, prefilled (500)"}  # fmt: skip
+    rows = [[f"Pool.get(timeout=0), {n} slots" if k.startswith("get") else labels[k], st[k]["p50"], st[k]["p99"],
+             net[k], bst[k].get("p50"), st[k]["n"]]
+            for k, n in [(f"get{n}", n) for n in GET_SIZES] + [("mq", 0), ("mpq", 0)]]  # fmt: skip
+    t_rows = U.table(
+        "Pool.get() through the public API, full pool, health off, against queue receives (ns)",
+        ["operation", "per-op p50", "per-op p99", "net p50", "batch ns/op", "samples"],
+        rows,
+        f"net = per-op p50 minus the perf_counter_ns pair p50 ({t50} ns); batch: 256 gets (10 for the POSIX queue)"
+        " timed together.",
+    )  # fmt: skip
+    head = "get256"
+    worst = max(net[f"get{n}"] for n in GET_SIZES)
+    targets = [
+        ["Pool.get p50 <= 1 us (per-op, timer included, worst of 8/256/4096 slots)",
+         max(st[f"get{n}"]["p50"] for n in GET_SIZES) / 1000, "<= 1 us",
+         max(st[f"get{n}"]["p50"] for n in GET_SIZES) <= 1000],
+        ["Pool.get / multiprocessing.Queue.get (net p50, 256 slots)", U.ratio(net[head], net["mpq"], 2), "<= 0.25",
+         net[head] <= 0.25 * net["mpq"]],
+        ["Pool.get / POSIX mq receive (net p50, 256 slots)", U.ratio(net[head], net["mq"], 2), "<= 0.5",
+         net[head] <= 0.5 * net["mq"]],
+        ["Pool.get / multiprocessing.Queue.get (batch, 256 slots)", U.ratio(bst[head]["p50"], bst["mpq"]["p50"], 2),
+         "<= 0.25", bst[head]["p50"] <= 0.25 * bst["mpq"]["p50"]],
+        ["Pool.get / POSIX mq receive (batch, 256 slots)", U.ratio(bst[head]["p50"], bst["mq"]["p50"], 2), "<= 0.5",
+         bst[head]["p50"] <= 0.5 * bst["mq"]["p50"]],
+        ["Pool.get flat in pool size (net p50, worst / best of 8/256/4096)",
+         U.ratio(worst, min(net[f"get{n}"] for n in GET_SIZES), 2), "<= 1.5",
+         worst <= 1.5 * min(net[f"get{n}"] for n in GET_SIZES)],
+    ]  # fmt: skip
+    t_targets = U.table("Pool.get() targets", ["target", "measured", "goal", "met"], targets)
+    return {"stats": st, "batch": bst, "net_p50_ns": net, "timer_p50_ns": t50, "tables": [t_targets, t_rows]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples (about 15 s)")
+    ap.add_argument("--get", action="store_true", help="only Pool.get() against the queues (writes core_get.json)")
     ap.add_argument("--out", default="core.json")
     args = ap.parse_args()
+    if args.get:
+        t_start = time.monotonic()
+        info = U.machine_info()
+        print(f"bench_core --get: nproc {info['nproc']}, load {info['loadavg']}", flush=True)
+        res = get_vs_queues(4000 if args.quick else 20000, 1 if args.quick else 3, None)
+        U.publish("core_get.json" if args.out == "core.json" else args.out,
+                  {**U.doc_head("core_get", info, t_start, args.quick, get_vs_queues.__doc__), **res})
+        return 0
     q = args.quick
     samples = 4096 if q else 32768
     qsamples = 3000 if q else 20000

@@ -27,6 +27,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
 #include <limits.h>
@@ -50,6 +51,10 @@ enum {
     ST_RANGE = 5,      /* slot id out of range */
     ST_FULL = 6,       /* ring full */
     ST_TOO_BIG = 7,    /* descriptor larger than its area */
+    ST_CLOSED = 8,     /* this process closed its pool handle */
+    ST_CORRUPT = 9,    /* ring head/tail/cells in no legal state: left for the integrity check */
+    ST_HEARTBEAT = 10, /* the supervisor's heartbeat is stale: the caller checks it is alive */
+    ST_INTR = 11,      /* internal: a signal interrupted the wait */
 };
 
 /* ---- state word: gen:38 | pid:22 | state:4 ------------------------------ */
@@ -82,6 +87,7 @@ static inline int64_t seq_diff(uint64_t seq, uint64_t pos) {
 #define H_TICKETS 448
 #define H_TURN 452
 #define H_OVERFLOW 456
+#define H_OVERFLOW_SEQ 460 /* bumped whenever a wait cell frees up: overflow waiters sleep on it */
 #define FLAG_SHUTDOWN 1u
 
 /* ---- slot record ---------------------------------------------------------- */
@@ -97,6 +103,7 @@ enum {
     K_ACQUIRES = 0, K_ACQUIRE_WAITS, K_WAIT_TIMEOUTS, K_RELEASES, K_STALE_RELEASES,
     K_FORGED_RELEASES, K_PUBLISHES, K_RING_FULL, K_STALE_RING, K_CORRUPT_RING, K_WAKEUPS,
     K_SHUTDOWN_REFUSALS,
+    K_UNHEALTHY_ON_GET = 23, /* in the Python-updated block: C counts descriptors it refuses */
 };
 enum { HIST_ACQUIRE = 0, HIST_WAIT = 1 };
 #define HIST_BUCKETS 64
@@ -157,6 +164,10 @@ typedef struct {
     uint64_t size;
     uint32_t pool_size, ring_cap, slot_size, desc_cap, wait_cells;
     uint64_t cells_off, ring_off, slots_off, counters_off, n_counters, hist_off, n_hist;
+    /* calls of this object waiting without the GIL; close() defers the unmap
+       until the last one leaves (only touched with the GIL held) */
+    int inflight;
+    int closing; /* read without the GIL by waiting calls: atomic */
 } Core;
 
 #define U64(c, off) ((uint64_t *)((c)->base + (off)))
@@ -167,6 +178,7 @@ static inline uint8_t *slot_rec(Core *c, uint32_t slot) { return c->base + c->sl
 static inline uint64_t *slot_word(Core *c, uint32_t slot) { return (uint64_t *)slot_rec(c, slot); }
 static inline uint64_t *wait_owner(Core *c, uint32_t t) { return U64(c, c->cells_off + 16 * (uint64_t)(t % c->wait_cells)); }
 static inline uint32_t *wait_wake(Core *c, uint32_t t) { return U32(c, c->cells_off + 16 * (uint64_t)(t % c->wait_cells) + 8); }
+static inline uint32_t *wait_start(Core *c, uint32_t t) { return U32(c, c->cells_off + 16 * (uint64_t)(t % c->wait_cells) + 12); }
 
 static inline void count(Core *c, int k, uint64_t n) {
     if ((uint64_t)k < c->n_counters) __atomic_fetch_add(U64(c, c->counters_off + 8 * (uint64_t)k), n, __ATOMIC_RELAXED);
@@ -182,8 +194,14 @@ static inline int shutting_down(Core *c) {
 }
 
 /* ---- ring ----------------------------------------------------------------- */
+/* Helping is bounded by the cell it finds: an index is moved on only past a
+   cell in the one state a live or dead peer legally leaves behind at that
+   index. Anything else (a scribbled head, tail or cell) is reported as
+   ST_CORRUPT at once, never walked one step at a time, and left for the
+   supervisor's integrity check to rebuild. */
 static int ring_push(Core *c, uint32_t value) {
     uint64_t *tailp = U64(c, H_TAIL);
+    const int64_t cap = (int64_t)c->ring_cap;
     for (;;) {
         uint64_t pos = __atomic_load_n(tailp, __ATOMIC_ACQUIRE);
         uint64_t *cell = ring_cell(c, pos);
@@ -196,18 +214,24 @@ static int ring_push(Core *c, uint32_t value) {
                 __atomic_compare_exchange_n(tailp, &expect, pos + 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
                 return ST_OK;
             }
-        } else if (d > 0) {
-            /* someone filled pos (maybe then died): help tail past it */
+        } else if (d == 1 || d == cap) {
+            /* filled at pos (and maybe consumed since) by a pusher that has
+               not moved tail yet, or died first: help tail past it */
             uint64_t expect = pos;
             __atomic_compare_exchange_n(tailp, &expect, pos + 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
-        } else if (__atomic_load_n(tailp, __ATOMIC_ACQUIRE) == pos) {
+        } else if (__atomic_load_n(tailp, __ATOMIC_ACQUIRE) != pos) {
+            continue; /* tail moved while we looked: read again */
+        } else if (d == 1 - cap) {
             return ST_FULL; /* the previous lap's item is still unconsumed */
+        } else {
+            return ST_CORRUPT;
         }
     }
 }
 
 static int ring_pop(Core *c, uint32_t *value) {
     uint64_t *headp = U64(c, H_HEAD);
+    const int64_t cap = (int64_t)c->ring_cap;
     for (;;) {
         uint64_t pos = __atomic_load_n(headp, __ATOMIC_ACQUIRE);
         uint64_t *cell = ring_cell(c, pos);
@@ -222,11 +246,15 @@ static int ring_pop(Core *c, uint32_t *value) {
                 *value = C_VAL(w);
                 return ST_OK;
             }
-        } else if (d > 0) {
-            uint64_t expect = pos; /* consumed already: help head past it */
+        } else if (d == cap - 1) {
+            uint64_t expect = pos; /* consumed at pos, head not moved yet: help head past it */
             __atomic_compare_exchange_n(headp, &expect, pos + 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
-        } else if (__atomic_load_n(headp, __ATOMIC_ACQUIRE) == pos) {
-            return ST_EMPTY;
+        } else if (__atomic_load_n(headp, __ATOMIC_ACQUIRE) != pos) {
+            continue;
+        } else if (d == -1) {
+            return ST_EMPTY; /* free for this lap: nothing pushed here yet */
+        } else {
+            return ST_CORRUPT;
         }
     }
 }
@@ -237,6 +265,15 @@ static void wake_cell(Core *c, uint32_t t) {
     futex_wake(wait_wake(c, t), INT_MAX);
 }
 
+/* Overflow waiters (more than wait_cells queued) sleep on a sequence word
+   that changes whenever a wait cell frees up, so a wake between their check
+   and their sleep is never lost; one is woken per freed cell. */
+static void wake_overflow(Core *c, int n) {
+    if (!__atomic_load_n(U32(c, H_OVERFLOW), __ATOMIC_SEQ_CST) && n != INT_MAX) return;
+    __atomic_fetch_add(U32(c, H_OVERFLOW_SEQ), 1, __ATOMIC_SEQ_CST);
+    futex_wake(U32(c, H_OVERFLOW_SEQ), n);
+}
+
 /* Hand the turn from `from` to the next live ticket, skipping cancelled ones. */
 static void pass_turn(Core *c, uint32_t from) {
     uint32_t *turnp = U32(c, H_TURN);
@@ -245,7 +282,7 @@ static void pass_turn(Core *c, uint32_t from) {
         uint32_t expect = t;
         if (!__atomic_compare_exchange_n(turnp, &expect, t + 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) break;
         t++;
-        if (__atomic_load_n(U32(c, H_OVERFLOW), __ATOMIC_SEQ_CST)) futex_wake(turnp, INT_MAX);
+        wake_overflow(c, 1);
         if (__atomic_load_n(U32(c, H_TICKETS), __ATOMIC_SEQ_CST) == t) break;
         uint64_t o = __atomic_load_n(wait_owner(c, t), __ATOMIC_SEQ_CST);
         if ((uint32_t)(o >> 32) == t && (uint32_t)o == 0) continue; /* cancelled */
@@ -261,9 +298,10 @@ static void cancel_ticket(Core *c, uint32_t t, uint32_t pid) {
 }
 
 /* Pop ids until one leases; stale and out-of-range ids are dropped. */
-static int pop_and_lease(Core *c, uint32_t *slot_out, uint64_t *gen_out) {
+static int pop_and_lease(Core *c, uint64_t now, uint32_t *slot_out, uint64_t *gen_out) {
     uint32_t v;
-    while (ring_pop(c, &v) == ST_OK) {
+    int st;
+    while ((st = ring_pop(c, &v)) == ST_OK) {
         if (v >= c->pool_size) {
             count(c, K_CORRUPT_RING, 1);
             continue;
@@ -274,10 +312,11 @@ static int pop_and_lease(Core *c, uint32_t *slot_out, uint64_t *gen_out) {
             uint64_t nw = W_MAKE(S_LEASED, W_GEN(w), g_pid);
             if (__atomic_compare_exchange_n(sw, &w, nw, 0, __ATOMIC_SEQ_CST, __ATOMIC_ACQUIRE)) {
                 uint8_t *rec = slot_rec(c, v);
-                uint64_t t = now_ns();
+                /* start before gen, gen with release: a reader that loads
+                   gen first (acquire) and then start sees a consistent pair */
                 __atomic_store_n((uint64_t *)(rec + R_OWNER_START), g_start, __ATOMIC_RELAXED);
                 __atomic_store_n((uint32_t *)(rec + R_OWNER_GEN), (uint32_t)W_GEN(w), __ATOMIC_RELEASE);
-                __atomic_store_n((uint64_t *)(rec + R_ENTERED), t, __ATOMIC_RELAXED);
+                __atomic_store_n((uint64_t *)(rec + R_ENTERED), now, __ATOMIC_RELAXED);
                 *slot_out = v;
                 *gen_out = W_GEN(w);
                 return ST_OK;
@@ -285,63 +324,98 @@ static int pop_and_lease(Core *c, uint32_t *slot_out, uint64_t *gen_out) {
         }
         count(c, K_STALE_RING, 1);
     }
+    if (st == ST_CORRUPT) count(c, K_CORRUPT_RING, 1);
     return ST_EMPTY;
 }
 
-/* The whole acquire. Called with the GIL released when it may block. */
-static int acquire(Core *c, int64_t timeout_ns, uint32_t *slot, uint64_t *gen) {
-    uint64_t t0 = now_ns();
-    if (shutting_down(c)) return ST_SHUTDOWN;
-    uint32_t *ticketsp = U32(c, H_TICKETS), *turnp = U32(c, H_TURN);
-    /* fast path only when nobody queues: a newcomer never overtakes a waiter */
-    if (__atomic_load_n(ticketsp, __ATOMIC_SEQ_CST) == __atomic_load_n(turnp, __ATOMIC_SEQ_CST) &&
-        pop_and_lease(c, slot, gen) == ST_OK) {
-        observe(c, HIST_ACQUIRE, now_ns() - t0);
-        return ST_OK;
-    }
-    if (timeout_ns == 0) return ST_EMPTY;
-    uint64_t deadline = timeout_ns < 0 ? UINT64_MAX : t0 + (uint64_t)timeout_ns;
-    count(c, K_ACQUIRE_WAITS, 1);
-requeue:;
+static inline int closing(Core *c) { return __atomic_load_n(&c->closing, __ATOMIC_SEQ_CST); }
+
+/* One acquire's progress, kept across returns to Python on a signal. */
+typedef struct {
+    uint64_t t0, deadline;
     uint32_t my;
-    for (;;) {
-        if (shutting_down(c)) return ST_SHUTDOWN;
-        uint32_t tk = __atomic_load_n(ticketsp, __ATOMIC_SEQ_CST), tn = __atomic_load_n(turnp, __ATOMIC_SEQ_CST);
-        uint64_t now = now_ns();
-        if (now >= deadline) { count(c, K_WAIT_TIMEOUTS, 1); return ST_EMPTY; }
-        if ((uint32_t)(tk - tn) >= c->wait_cells) {
-            /* every wait cell is taken: sleep until the turn moves */
-            __atomic_fetch_add(U32(c, H_OVERFLOW), 1, __ATOMIC_SEQ_CST);
-            futex_wait(turnp, tn, deadline == UINT64_MAX ? -1 : (int64_t)(deadline - now));
-            __atomic_fetch_sub(U32(c, H_OVERFLOW), 1, __ATOMIC_SEQ_CST);
-            continue;
-        }
-        if (__atomic_compare_exchange_n(ticketsp, &tk, tk + 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
-            my = tk;
-            break;
-        }
+    int queued;
+} Wait;
+
+/* First try: no queue, no deadline arithmetic. */
+static int acquire_now(Core *c, uint64_t stale_ns, uint32_t *slot, uint64_t *gen) {
+    if (shutting_down(c)) return ST_SHUTDOWN;
+    uint64_t t0 = now_ns();
+    if (stale_ns) {
+        /* the supervisor beats every tick; silence means stopped or dead, and
+           a dead pool's segment must not hand out instances */
+        uint64_t hb = __atomic_load_n(U64(c, H_HEARTBEAT), __ATOMIC_ACQUIRE);
+        if (hb == 0 || (t0 > hb && t0 - hb > stale_ns)) return ST_HEARTBEAT;
     }
-    __atomic_store_n(wait_owner(c, my), ((uint64_t)my << 32) | g_pid, __ATOMIC_SEQ_CST);
+    uint32_t tn = __atomic_load_n(U32(c, H_TURN), __ATOMIC_SEQ_CST);
+    /* fast path only when nobody queues: a newcomer never overtakes a waiter */
+    if (__atomic_load_n(U32(c, H_TICKETS), __ATOMIC_SEQ_CST) != tn) return ST_EMPTY;
+    if (pop_and_lease(c, t0, slot, gen) != ST_OK) return ST_EMPTY;
+    observe(c, HIST_ACQUIRE, now_ns() - t0);
+    return ST_OK;
+}
+
+static long sleep_on(uint32_t *addr, uint32_t val, uint64_t deadline, uint64_t cap_ns) {
+    uint64_t now = now_ns();
+    int64_t left = deadline == UINT64_MAX ? -1 : (int64_t)(deadline - now);
+    if (cap_ns && (left < 0 || (uint64_t)left > cap_ns)) left = (int64_t)cap_ns;
+    return futex_wait(addr, val, left);
+}
+
+/* The queued part of an acquire. Runs without the GIL. Returns ST_INTR with
+   the ticket still held when a signal interrupts the sleep: the caller runs
+   Python's handlers and either resumes (same Wait) or cancels. */
+static int acquire_wait(Core *c, Wait *ws, uint32_t *slot, uint64_t *gen) {
+    uint32_t *ticketsp = U32(c, H_TICKETS), *turnp = U32(c, H_TURN);
     for (;;) {
+        if (!ws->queued) {
+            if (closing(c)) return ST_CLOSED;
+            if (shutting_down(c)) return ST_SHUTDOWN;
+            uint32_t seq = __atomic_load_n(U32(c, H_OVERFLOW_SEQ), __ATOMIC_SEQ_CST);
+            uint32_t tn = __atomic_load_n(turnp, __ATOMIC_SEQ_CST);
+            uint32_t tk = __atomic_load_n(ticketsp, __ATOMIC_SEQ_CST);
+            if (now_ns() >= ws->deadline) return ST_EMPTY;
+            if ((uint32_t)(tk - tn) >= c->wait_cells) {
+                /* every wait cell is taken: sleep until one frees up (a
+                   bounded sleep too, in case the waker died in between) */
+                __atomic_fetch_add(U32(c, H_OVERFLOW), 1, __ATOMIC_SEQ_CST);
+                long r = sleep_on(U32(c, H_OVERFLOW_SEQ), seq, ws->deadline, 100000000ULL);
+                int e = errno;
+                __atomic_fetch_sub(U32(c, H_OVERFLOW), 1, __ATOMIC_SEQ_CST);
+                if (r != 0 && e == EINTR) return ST_INTR;
+                continue;
+            }
+            if (!__atomic_compare_exchange_n(ticketsp, &tk, tk + 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) continue;
+            ws->my = tk;
+            ws->queued = 1;
+            /* start time first: the owner word is what makes the cell ours */
+            __atomic_store_n(wait_start(c, tk), (uint32_t)g_start, __ATOMIC_SEQ_CST);
+            __atomic_store_n(wait_owner(c, tk), ((uint64_t)tk << 32) | g_pid, __ATOMIC_SEQ_CST);
+        }
+        uint32_t my = ws->my;
         uint32_t w = __atomic_load_n(wait_wake(c, my), __ATOMIC_SEQ_CST);
-        if (shutting_down(c)) { cancel_ticket(c, my, g_pid); return ST_SHUTDOWN; }
+        if (closing(c)) { cancel_ticket(c, my, g_pid); ws->queued = 0; return ST_CLOSED; }
+        if (shutting_down(c)) { cancel_ticket(c, my, g_pid); ws->queued = 0; return ST_SHUTDOWN; }
         uint32_t tn = __atomic_load_n(turnp, __ATOMIC_SEQ_CST);
         if (tn == my) {
-            if (pop_and_lease(c, slot, gen) == ST_OK) {
+            if (pop_and_lease(c, now_ns(), slot, gen) == ST_OK) {
+                ws->queued = 0;
                 pass_turn(c, my);
-                observe(c, HIST_WAIT, now_ns() - t0);
+                observe(c, HIST_WAIT, now_ns() - ws->t0);
                 return ST_OK;
             }
         } else if ((int32_t)(tn - my) > 0) {
-            goto requeue; /* the sweep took us for dead and skipped us */
+            ws->queued = 0; /* the sweep passed our turn on (dead or stopped): queue again */
+            continue;
         }
-        uint64_t now = now_ns();
-        if (now >= deadline) {
+        if (now_ns() >= ws->deadline) {
             cancel_ticket(c, my, g_pid);
+            ws->queued = 0;
             count(c, K_WAIT_TIMEOUTS, 1);
             return ST_EMPTY;
         }
-        futex_wait(wait_wake(c, my), w, deadline == UINT64_MAX ? -1 : (int64_t)(deadline - now));
+        long r = sleep_on(wait_wake(c, my), w, ws->deadline, 0);
+        if (r != 0 && errno == EINTR) return ST_INTR;
     }
 }
 
@@ -373,7 +447,7 @@ static int core_init(Core *self, PyObject *args, PyObject *kw) {
     /* re-check every region against the mapping: a bad header must not
        turn into an out-of-bounds access */
     int ok = pool_size >= 1 && pool_size <= (1u << 24) && ring_cap >= pool_size && (ring_cap & (ring_cap - 1)) == 0 &&
-             wait_cells >= 1 && slot_size >= 64 && slot_size % 8 == 0 && desc_cap <= slot_size - 64 &&
+             wait_cells >= 1 && (wait_cells & (wait_cells - 1)) == 0 && slot_size >= 64 && slot_size % 8 == 0 && desc_cap <= slot_size - 64 &&
              ((uintptr_t)self->base % 64) == 0 && self->size >= 512 && cells_off % 8 == 0 && ring_off % 8 == 0 &&
              slots_off % 8 == 0 && counters_off % 8 == 0 && hist_off % 8 == 0 && cells_off >= 512 &&
              cells_off + 16ULL * wait_cells <= self->size && ring_off + 8ULL * ring_cap <= self->size &&
@@ -407,18 +481,101 @@ static void core_dealloc(Core *self) {
 }
 
 #define CHECK_OPEN(self)                                                  \
-    if (!(self)->has_view) {                                              \
+    if (!(self)->has_view || (self)->closing) {                           \
         PyErr_SetString(PyExc_ValueError, "segment core is closed");      \
         return NULL;                                                      \
     }
 
-static PyObject *core_close(Core *self, PyObject *unused) {
-    (void)unused;
+static void drop_view(Core *self) {
     if (self->has_view) {
         PyBuffer_Release(&self->view);
         self->has_view = 0;
         self->base = NULL;
     }
+}
+
+/* close() -> True when the mapping was let go now, False when calls of this
+   object still wait without the GIL: they are woken, return ST_CLOSED, and
+   the last one to leave lets the mapping go. */
+static PyObject *core_close(Core *self, PyObject *unused) {
+    (void)unused;
+    if (!self->has_view) Py_RETURN_TRUE;
+    if (self->closing) Py_RETURN_FALSE;
+    __atomic_store_n(&self->closing, 1, __ATOMIC_SEQ_CST);
+    if (self->inflight == 0) {
+        drop_view(self);
+        Py_RETURN_TRUE;
+    }
+    /* our waiters sleep on a wait cell or the overflow word: bump them all
+       (other processes' waiters wake, find nothing changed, and sleep again) */
+    for (uint32_t i = 0; i < self->wait_cells; i++) wake_cell(self, i);
+    wake_overflow(self, INT_MAX);
+    Py_RETURN_FALSE;
+}
+
+static void leave(Core *self) {
+    if (--self->inflight == 0 && self->closing) drop_view(self);
+}
+
+/* leased -> terminate by the holder itself, without a terminate task: the
+   supervisor's table scan finds the slot */
+static void give_back(Core *self, uint32_t slot, uint64_t gen) {
+    uint64_t w = W_MAKE(S_LEASED, gen, g_pid);
+    if (__atomic_compare_exchange_n(slot_word(self, slot), &w, W_MAKE(S_TERMINATE, gen, 0), 0, __ATOMIC_SEQ_CST,
+                                    __ATOMIC_RELAXED)) {
+        __atomic_store_n((uint64_t *)(slot_rec(self, slot) + R_ENTERED), now_ns(), __ATOMIC_RELAXED);
+        count(self, K_RELEASES, 1);
+    }
+}
+
+/* The whole acquire, with the GIL held on entry and exit. The caller has
+   done inflight++ and calls leave() when done with the mapping. Returns a
+   status, or -1 with an exception set (a signal handler raised; the ticket
+   is cancelled). */
+static int do_acquire(Core *self, long long timeout, uint64_t stale_ns, uint32_t *slot, uint64_t *gen) {
+    identity();
+    int st = acquire_now(self, stale_ns, slot, gen);
+    if (st == ST_EMPTY && timeout != 0) {
+        Wait ws = {now_ns(), UINT64_MAX, 0, 0};
+        if (timeout > 0) ws.deadline = ws.t0 + (uint64_t)timeout;
+        count(self, K_ACQUIRE_WAITS, 1);
+        for (;;) {
+            Py_BEGIN_ALLOW_THREADS
+            st = acquire_wait(self, &ws, slot, gen);
+            Py_END_ALLOW_THREADS
+            if (st != ST_INTR) break;
+            /* EINTR: run Python's signal handlers now (KeyboardInterrupt,
+               a SIGTERM handler); if none raises, wait on with the same
+               ticket and deadline */
+            if (PyErr_CheckSignals() < 0) {
+                if (ws.queued) cancel_ticket(self, ws.my, g_pid);
+                return -1;
+            }
+        }
+        if (st == ST_OK && closing(self)) {
+            give_back(self, *slot, *gen); /* closed while we were served: hand it straight back */
+            st = ST_CLOSED;
+        }
+    }
+    if (st == ST_OK) count(self, K_ACQUIRES, 1);
+    else if (st == ST_SHUTDOWN) count(self, K_SHUTDOWN_REFUSALS, 1);
+    return st;
+}
+
+/* rebuild_ring(): every cell free, head = tail at a position past both old
+   ones, so neither index ever goes backwards (a peer's delayed CAS on an
+   old index value then fails instead of landing in the new ring). */
+static PyObject *core_rebuild_ring(Core *self, PyObject *unused) {
+    (void)unused;
+    CHECK_OPEN(self);
+    uint64_t head = __atomic_load_n(U64(self, H_HEAD), __ATOMIC_ACQUIRE);
+    uint64_t tail = __atomic_load_n(U64(self, H_TAIL), __ATOMIC_ACQUIRE);
+    uint64_t base = (head > tail ? head : tail) + 2ULL * self->ring_cap;
+    base &= ~(uint64_t)(self->ring_cap - 1);
+    for (uint64_t pos = base; pos < base + self->ring_cap; pos++)
+        __atomic_store_n(ring_cell(self, pos), C_MAKE(pos, 0), __ATOMIC_RELAXED);
+    __atomic_store_n(U64(self, H_HEAD), base, __ATOMIC_SEQ_CST);
+    __atomic_store_n(U64(self, H_TAIL), base, __ATOMIC_SEQ_CST);
     Py_RETURN_NONE;
 }
 
@@ -440,19 +597,12 @@ static PyObject *core_acquire(Core *self, PyObject *const *args, Py_ssize_t narg
     }
     long long timeout = PyLong_AsLongLong(args[0]);
     if (timeout == -1 && PyErr_Occurred()) return NULL;
-    identity();
     uint32_t slot = 0;
     uint64_t gen = 0;
-    int st;
-    /* try without dropping the GIL first: the common case is a ready slot */
-    st = acquire(self, 0, &slot, &gen);
-    if (st == ST_EMPTY && timeout != 0) {
-        Py_BEGIN_ALLOW_THREADS
-        st = acquire(self, timeout, &slot, &gen);
-        Py_END_ALLOW_THREADS
-    }
-    if (st == ST_OK) count(self, K_ACQUIRES, 1);
-    else if (st == ST_SHUTDOWN) count(self, K_SHUTDOWN_REFUSALS, 1);
+    self->inflight++;
+    int st = do_acquire(self, timeout, 0, &slot, &gen);
+    leave(self);
+    if (st < 0) return NULL;
     /* built by hand: Py_BuildValue's format parsing is a measurable share of
        a sub-microsecond call */
     PyObject *t = PyTuple_New(3);
@@ -469,6 +619,154 @@ static PyObject *core_acquire(Core *self, PyObject *const *args, Py_ssize_t narg
     PyTuple_SET_ITEM(t, 1, b);
     PyTuple_SET_ITEM(t, 2, c);
     return t;
+}
+
+/* A descriptor is handed out only if its length fits its area and it starts
+   like a msgpack map (full decoding is left to first use). */
+static int descriptor_plausible(const uint8_t *d, uint32_t n, uint32_t cap) {
+    if (n == 0) return 1;
+    if (n > cap) return 0;
+    return (d[0] >= 0x80 && d[0] <= 0x8f) || d[0] == 0xde || d[0] == 0xdf;
+}
+
+/* ---- LeaseBase: the fields of noodle.client.Lease, filled in C -------------
+   Building the lease object here, not in a Python __init__, is most of what
+   makes Pool.get() cost little more than the acquire itself. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *pool, *raw, *desc, *instance;
+    long long slot;
+    unsigned long long generation;
+    long owner_pid;
+    char released;
+} LeaseBase;
+
+static void lease_dealloc(LeaseBase *self) {
+    Py_CLEAR(self->pool);
+    Py_CLEAR(self->raw);
+    Py_CLEAR(self->desc);
+    Py_CLEAR(self->instance);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef lease_members[] = {
+    {"slot", T_LONGLONG, offsetof(LeaseBase, slot), 0, "slot id"},
+    {"generation", T_ULONGLONG, offsetof(LeaseBase, generation), 0, "the slot's generation when leased"},
+    {"_pool", T_OBJECT, offsetof(LeaseBase, pool), 0, NULL},
+    {"_raw", T_OBJECT, offsetof(LeaseBase, raw), 0, NULL},
+    {"_desc", T_OBJECT, offsetof(LeaseBase, desc), 0, NULL},
+    {"_instance", T_OBJECT, offsetof(LeaseBase, instance), 0, NULL},
+    {"_owner_pid", T_LONG, offsetof(LeaseBase, owner_pid), 0, NULL},
+    {"_released", T_BOOL, offsetof(LeaseBase, released), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject LeaseBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "noodle._shm.LeaseBase",
+    .tp_basicsize = sizeof(LeaseBase),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)lease_dealloc,
+    .tp_members = lease_members,
+    .tp_doc = "Storage of a lease (subclassed by noodle.client.Lease).",
+};
+
+/* lease(cls, pool, timeout_ns, stale_ns) -> cls instance or a status int:
+   get() building the lease object directly (cls: a LeaseBase subclass
+   adding no fields). */
+static PyObject *core_lease(Core *self, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_OPEN(self);
+    if (nargs != 4 || !PyType_Check(args[0]) || !PyType_IsSubtype((PyTypeObject *)args[0], &LeaseBaseType) ||
+        ((PyTypeObject *)args[0])->tp_basicsize != LeaseBaseType.tp_basicsize) {
+        PyErr_SetString(PyExc_TypeError, "lease(cls, pool, timeout_ns, stale_ns): cls extends LeaseBase, no fields");
+        return NULL;
+    }
+    PyTypeObject *cls = (PyTypeObject *)args[0];
+    long long timeout = PyLong_AsLongLong(args[2]);
+    if (timeout == -1 && PyErr_Occurred()) return NULL;
+    unsigned long long stale = PyLong_AsUnsignedLongLong(args[3]);
+    if (stale == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    uint32_t slot = 0;
+    uint64_t gen = 0;
+    self->inflight++;
+    for (;;) {
+        int st = do_acquire(self, timeout, stale, &slot, &gen);
+        if (st != ST_OK) {
+            leave(self);
+            return st < 0 ? NULL : PyLong_FromLong(st);
+        }
+        uint8_t *rec = slot_rec(self, slot);
+        uint32_t n = __atomic_load_n((uint32_t *)(rec + R_DESC_LEN), __ATOMIC_ACQUIRE);
+        if (!descriptor_plausible(rec + 64, n, self->desc_cap)) {
+            give_back(self, slot, gen);
+            count(self, K_UNHEALTHY_ON_GET, 1);
+            continue;
+        }
+        PyObject *raw = PyBytes_FromStringAndSize((const char *)rec + 64, (Py_ssize_t)n);
+        leave(self);
+        if (!raw) return NULL;
+        LeaseBase *l = (LeaseBase *)cls->tp_alloc(cls, 0);
+        if (!l) {
+            Py_DECREF(raw);
+            return NULL;
+        }
+        Py_INCREF(args[1]);
+        l->pool = args[1];
+        l->raw = raw;
+        l->slot = slot;
+        l->generation = gen;
+        l->owner_pid = (long)g_pid;
+        return (PyObject *)l;
+    }
+}
+
+/* get(timeout_ns, stale_ns) -> (slot, gen, descriptor bytes) or a status int.
+   The client's whole get in one call. stale_ns > 0: refuse with
+   ST_HEARTBEAT when the supervisor's heartbeat is older (checked with the
+   clock read acquire makes anyway); the caller checks it is alive and calls
+   again with 0. */
+static PyObject *core_get(Core *self, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_OPEN(self);
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "get(timeout_ns, stale_ns)");
+        return NULL;
+    }
+    long long timeout = PyLong_AsLongLong(args[0]);
+    if (timeout == -1 && PyErr_Occurred()) return NULL;
+    unsigned long long stale = PyLong_AsUnsignedLongLong(args[1]);
+    if (stale == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    uint32_t slot = 0;
+    uint64_t gen = 0;
+    self->inflight++;
+    for (;;) {
+        int st = do_acquire(self, timeout, stale, &slot, &gen);
+        if (st != ST_OK) {
+            leave(self);
+            return st < 0 ? NULL : PyLong_FromLong(st);
+        }
+        uint8_t *rec = slot_rec(self, slot);
+        uint32_t n = __atomic_load_n((uint32_t *)(rec + R_DESC_LEN), __ATOMIC_ACQUIRE);
+        if (!descriptor_plausible(rec + 64, n, self->desc_cap)) {
+            give_back(self, slot, gen);
+            count(self, K_UNHEALTHY_ON_GET, 1);
+            continue;
+        }
+        PyObject *t = PyTuple_New(3);
+        PyObject *a = PyLong_FromUnsignedLong(slot), *b = PyLong_FromUnsignedLongLong(gen);
+        PyObject *c = PyBytes_FromStringAndSize((const char *)rec + 64, (Py_ssize_t)n);
+        leave(self);
+        if (!t || !a || !b || !c) {
+            Py_XDECREF(t);
+            Py_XDECREF(a);
+            Py_XDECREF(b);
+            Py_XDECREF(c);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, 0, a);
+        PyTuple_SET_ITEM(t, 1, b);
+        PyTuple_SET_ITEM(t, 2, c);
+        return t;
+    }
 }
 
 /* release(slot, gen) -> status; only the holder pid may release */
@@ -630,25 +928,32 @@ static PyObject *core_ring_ids(Core *self, PyObject *unused) {
     return out;
 }
 
-/* queue_info() -> (head, tail, tickets, turn) */
+/* queue_info() -> (head, tail, tickets, turn). Turn is read before
+   tickets: turn never passes tickets, so the pair read in this order never
+   shows turn ahead of tickets (which would look like a corrupt queue). */
 static PyObject *core_queue_info(Core *self, PyObject *unused) {
     (void)unused;
     CHECK_OPEN(self);
-    return Py_BuildValue("(KKII)", (unsigned long long)__atomic_load_n(U64(self, H_HEAD), __ATOMIC_ACQUIRE),
-                         (unsigned long long)__atomic_load_n(U64(self, H_TAIL), __ATOMIC_ACQUIRE),
-                         __atomic_load_n(U32(self, H_TICKETS), __ATOMIC_ACQUIRE),
-                         __atomic_load_n(U32(self, H_TURN), __ATOMIC_ACQUIRE));
+    unsigned long long head = __atomic_load_n(U64(self, H_HEAD), __ATOMIC_SEQ_CST);
+    unsigned long long tail = __atomic_load_n(U64(self, H_TAIL), __ATOMIC_SEQ_CST);
+    uint32_t turn = __atomic_load_n(U32(self, H_TURN), __ATOMIC_SEQ_CST);
+    uint32_t tickets = __atomic_load_n(U32(self, H_TICKETS), __ATOMIC_SEQ_CST);
+    return Py_BuildValue("(KKII)", head, tail, tickets, turn);
 }
 
-/* head_waiter() -> (ticket, pid, registered): who holds the turn, for the sweep */
+/* head_waiter() -> None or (ticket, pid, registered, start32): who holds the
+   turn, for the sweep; start32 is the low 32 bits of the waiter's start time
+   (0 when not registered or when the owner word changed while we read). */
 static PyObject *core_head_waiter(Core *self, PyObject *unused) {
     (void)unused;
     CHECK_OPEN(self);
     uint32_t tn = __atomic_load_n(U32(self, H_TURN), __ATOMIC_SEQ_CST);
     if (__atomic_load_n(U32(self, H_TICKETS), __ATOMIC_SEQ_CST) == tn) Py_RETURN_NONE;
     uint64_t o = __atomic_load_n(wait_owner(self, tn), __ATOMIC_SEQ_CST);
-    int registered = (uint32_t)(o >> 32) == tn;
-    return Py_BuildValue("(IIO)", tn, registered ? (uint32_t)o : 0u, registered ? Py_True : Py_False);
+    uint32_t start = __atomic_load_n(wait_start(self, tn), __ATOMIC_SEQ_CST);
+    int registered = (uint32_t)(o >> 32) == tn && __atomic_load_n(wait_owner(self, tn), __ATOMIC_SEQ_CST) == o;
+    return Py_BuildValue("(IIOI)", tn, registered ? (uint32_t)o : 0u, registered ? Py_True : Py_False,
+                         registered ? start : 0u);
 }
 
 /* skip_waiter(ticket) -> bool: pass the turn on from a dead head waiter */
@@ -662,26 +967,35 @@ static PyObject *core_skip_waiter(Core *self, PyObject *arg) {
     Py_RETURN_TRUE;
 }
 
-/* ring_anomalies() -> (head, tail, bad): cells whose seq fits neither "full"
-   (inside [head, tail)) nor "free" for their position. Concurrent operations
-   show as a few transient mismatches; the caller acts only on a count that
-   persists while head and tail stand still. */
+/* ring_anomalies() -> (head, tail, bad): cells in no state the ring can
+   legally be in. Inside [head, tail) every cell is full for its position,
+   except the cell at head, which a consumer may have emptied before moving
+   head (it may have died there: legal, the next pop completes it). From
+   tail on every cell is free for its position, except the cell at tail,
+   which a producer may have filled before moving tail. A span outside
+   [-1, capacity] counts every cell. Concurrent operations show as a few
+   transient mismatches; the caller acts only on a result that repeats. */
 static PyObject *core_ring_anomalies(Core *self, PyObject *unused) {
     (void)unused;
     CHECK_OPEN(self);
     uint64_t head = __atomic_load_n(U64(self, H_HEAD), __ATOMIC_ACQUIRE);
     uint64_t tail = __atomic_load_n(U64(self, H_TAIL), __ATOMIC_ACQUIRE);
-    uint64_t bad = 0;
+    uint64_t bad = 0, cap = self->ring_cap;
     int64_t span = (int64_t)(tail - head);
-    if (span < -(int64_t)self->ring_cap || span > (int64_t)self->ring_cap) {
-        bad = self->ring_cap;
+    if (span < -1 || span > (int64_t)cap) {
+        bad = cap;
     } else {
-        for (uint64_t k = 0; k < self->ring_cap; k++) {
+        for (uint64_t k = 0; k < cap; k++) {
             uint64_t pos = head + k;
             uint64_t w = __atomic_load_n(ring_cell(self, pos), __ATOMIC_ACQUIRE);
-            int64_t full = seq_diff(C_SEQ(w), pos + 1), free_ = seq_diff(C_SEQ(w), pos);
-            if (full != 0 && free_ != 0) bad++;
-            else if (full == 0 && C_VAL(w) >= self->pool_size) bad++;
+            int full = seq_diff(C_SEQ(w), pos + 1) == 0 && C_VAL(w) < self->pool_size;
+            int free_ = seq_diff(C_SEQ(w), pos) == 0;
+            int ok;
+            if ((int64_t)k < span)
+                ok = full || (k == 0 && seq_diff(C_SEQ(w), pos + cap) == 0);
+            else
+                ok = free_ || (pos == tail && full);
+            if (!ok) bad++;
         }
     }
     return Py_BuildValue("(KKK)", (unsigned long long)head, (unsigned long long)tail, (unsigned long long)bad);
@@ -696,7 +1010,7 @@ static PyObject *core_reset_waiters(Core *self, PyObject *unused) {
     __atomic_store_n(U32(self, H_TURN), tk, __ATOMIC_SEQ_CST);
     __atomic_store_n(U32(self, H_OVERFLOW), 0, __ATOMIC_SEQ_CST);
     for (uint32_t i = 0; i < self->wait_cells; i++) wake_cell(self, i);
-    futex_wake(U32(self, H_TURN), INT_MAX);
+    wake_overflow(self, INT_MAX);
     Py_RETURN_NONE;
 }
 
@@ -708,7 +1022,7 @@ static PyObject *core_shutdown(Core *self, PyObject *unused) {
     uint32_t tn = __atomic_load_n(U32(self, H_TURN), __ATOMIC_SEQ_CST);
     uint32_t tk = __atomic_load_n(U32(self, H_TICKETS), __ATOMIC_SEQ_CST);
     for (uint32_t t = tn; t != tk && (uint32_t)(t - tn) < self->wait_cells; t++) wake_cell(self, t);
-    futex_wake(U32(self, H_TURN), INT_MAX);
+    wake_overflow(self, INT_MAX);
     Py_RETURN_NONE;
 }
 
@@ -743,7 +1057,7 @@ static PyObject *core_load64(Core *self, PyObject *arg) {
     CHECK_OPEN(self);
     unsigned long long off = PyLong_AsUnsignedLongLong(arg);
     if (PyErr_Occurred()) return NULL;
-    if (off % 8 || off + 8 > self->size) {
+    if (off % 8 || self->size < 8 || off > self->size - 8) {
         PyErr_SetString(PyExc_IndexError, "offset out of range");
         return NULL;
     }
@@ -754,7 +1068,7 @@ static PyObject *core_store64(Core *self, PyObject *args) {
     CHECK_OPEN(self);
     unsigned long long off, v;
     if (!PyArg_ParseTuple(args, "KK", &off, &v)) return NULL;
-    if (off % 8 || off + 8 > self->size) {
+    if (off % 8 || self->size < 8 || off > self->size - 8) {
         PyErr_SetString(PyExc_IndexError, "offset out of range");
         return NULL;
     }
@@ -766,6 +1080,11 @@ static PyMethodDef core_methods[] = {
     {"close", (PyCFunction)core_close, METH_NOARGS, "Release the mapping (idempotent)."},
     {"init_ring", (PyCFunction)core_init_ring, METH_NOARGS, "Set every cell free for lap 0 (creator only)."},
     {"acquire", (PyCFunction)(void (*)(void))core_acquire, METH_FASTCALL, "acquire(timeout_ns) -> (status, slot, gen)"},
+    {"get", (PyCFunction)(void (*)(void))core_get, METH_FASTCALL,
+     "get(timeout_ns, stale_ns) -> (slot, gen, descriptor) or status"},
+    {"lease", (PyCFunction)(void (*)(void))core_lease, METH_FASTCALL,
+     "lease(cls, pool, timeout_ns, stale_ns) -> cls instance or status"},
+    {"rebuild_ring", (PyCFunction)core_rebuild_ring, METH_NOARGS, "Empty the ring at positions past head and tail."},
     {"release", (PyCFunction)(void (*)(void))core_release, METH_FASTCALL, "release(slot, gen) -> status"},
     {"publish", (PyCFunction)core_publish, METH_VARARGS, "publish(slot, expected_word, descriptor) -> status"},
     {"push", (PyCFunction)core_push, METH_O, "push(slot) -> status"},
@@ -806,7 +1125,7 @@ static PyObject *mod_futex_wait(PyObject *m, PyObject *args) {
     unsigned int val;
     long long timeout;
     if (!PyArg_ParseTuple(args, "w*KIL", &b, &off, &val, &timeout)) return NULL;
-    if (off % 4 || off + 4 > (unsigned long long)b.len) {
+    if (off % 4 || b.len < 4 || off > (unsigned long long)b.len - 4) {
         PyBuffer_Release(&b);
         PyErr_SetString(PyExc_IndexError, "offset out of range");
         return NULL;
@@ -827,7 +1146,7 @@ static PyObject *mod_futex_wake(PyObject *m, PyObject *args) {
     unsigned long long off;
     int n;
     if (!PyArg_ParseTuple(args, "w*Ki", &b, &off, &n)) return NULL;
-    if (off % 4 || off + 4 > (unsigned long long)b.len) {
+    if (off % 4 || b.len < 4 || off > (unsigned long long)b.len - 4) {
         PyBuffer_Release(&b);
         PyErr_SetString(PyExc_IndexError, "offset out of range");
         return NULL;
@@ -843,7 +1162,7 @@ static PyObject *mod_add32(PyObject *m, PyObject *args) {
     unsigned long long off;
     unsigned int v;
     if (!PyArg_ParseTuple(args, "w*KI", &b, &off, &v)) return NULL;
-    if (off % 4 || off + 4 > (unsigned long long)b.len) {
+    if (off % 4 || b.len < 4 || off > (unsigned long long)b.len - 4) {
         PyBuffer_Release(&b);
         PyErr_SetString(PyExc_IndexError, "offset out of range");
         return NULL;
@@ -874,12 +1193,18 @@ static struct PyModuleDef shm_module = {
 };
 
 PyMODINIT_FUNC PyInit__shm(void) {
-    if (PyType_Ready(&CoreType) < 0) return NULL;
+    if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&LeaseBaseType) < 0) return NULL;
     PyObject *m = PyModule_Create(&shm_module);
     if (!m) return NULL;
     Py_INCREF(&CoreType);
     if (PyModule_AddObject(m, "Core", (PyObject *)&CoreType) < 0) {
         Py_DECREF(&CoreType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&LeaseBaseType);
+    if (PyModule_AddObject(m, "LeaseBase", (PyObject *)&LeaseBaseType) < 0) {
+        Py_DECREF(&LeaseBaseType);
         Py_DECREF(m);
         return NULL;
     }

@@ -21,6 +21,7 @@ from typing import Any
 
 from noodle import layout as L
 from noodle import queues
+from noodle._shm import LeaseBase
 from noodle.errors import (
     InstanceGone,
     LeaseReleased,
@@ -43,25 +44,45 @@ _UNSET: Any = object()
 _PID = [os.getpid()]
 os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 HEARTBEAT_STALE = 2.0  # seconds
+_STALE_NS = int(HEARTBEAT_STALE * 1e9)
+# plain ints: IntEnum comparisons cost more than the C call on the fast path
+_SHUTDOWN = int(L.Status.SHUTDOWN)
+_CLOSED = int(L.Status.CLOSED)
+_HEARTBEAT = int(L.Status.HEARTBEAT)
+_UNTRIED = -1  # not a status: the first try was skipped (health check on)
 
 
-class Lease:
-    """One instance, held until released. Use as a context manager."""
+class Lease(LeaseBase):
+    """One instance, held until released. Use as a context manager.
 
-    __slots__ = ("_instance", "_owner_pid", "_pool", "_released", "descriptor", "generation", "slot")
+    Its fields (``slot``, ``generation`` and the private ones) live in
+    ``noodle._shm.LeaseBase``, filled by the C core in the same call that
+    takes the slot. ``descriptor`` is decoded from its msgpack bytes on
+    first use: decoding was the largest share of ``get()``."""
 
-    def __init__(self, pool: Pool, slot: int, generation: int, descriptor: dict[str, Any]) -> None:
+    __slots__ = ()
+    _pool: Pool
+
+    def __init__(self, pool: Pool, slot: int, generation: int, raw: bytes) -> None:
         self._pool = pool
         self.slot = slot
         self.generation = generation
-        self.descriptor = descriptor
-        self._instance: Any = _UNSET
-        self._released = False
+        self._raw = raw
         self._owner_pid = _PID[0]
 
     def __repr__(self) -> str:
         state = "released" if self._released else "held"
         return f"<Lease pool={self._pool.name} slot={self.slot} gen={self.generation} {state}>"
+
+    @property
+    def descriptor(self) -> dict[str, Any]:
+        """The instance's descriptor as the kind published it."""
+        if self._desc is None:
+            try:
+                self._desc = decode_descriptor(self._raw)
+            except NoodleError as exc:
+                raise InstanceGone(f"slot {self.slot}: {exc}") from None
+        return self._desc
 
     @property
     def released(self) -> bool:
@@ -72,12 +93,12 @@ class Lease:
         """The kind's client handle (e.g. an AgentHandle with run/call)."""
         if self._released:
             raise LeaseReleased(f"lease of slot {self.slot} (gen {self.generation}) was released")
-        if self._instance is _UNSET:
+        if self._instance is None:
+            desc = self.descriptor
             try:
-                self._instance = self._pool._handle(self.descriptor)
+                self._instance = self._pool._handle(desc)
             except (KeyError, TypeError, ValueError) as exc:
-                desc = f"{self.descriptor!r:.100}"
-                raise InstanceGone(f"slot {self.slot}: descriptor {desc} is unusable: {exc}") from None
+                raise InstanceGone(f"slot {self.slot}: descriptor {desc!r:.100} is unusable: {exc}") from None
         return self._instance
 
     def release(self) -> bool:
@@ -87,7 +108,7 @@ class Lease:
             return False
         self._released = True
         inst = self._instance
-        if inst is not _UNSET and hasattr(inst, "close"):
+        if inst is not None and hasattr(inst, "close"):
             with contextlib.suppress(Exception):
                 inst.close()
         return self._pool._release(self.slot, self.generation)
@@ -124,6 +145,7 @@ class Pool:
                 self._kind = None
             self._terminate_q = queues.open_queue(name, "terminate")
             self._default_timeout, self._default_health = self._seg.policy()
+            self._core_lease = self._seg.core.lease
         except BaseException:
             self._seg.close()
             raise
@@ -154,45 +176,67 @@ class Pool:
         """Lease a ready instance. Waits up to ``timeout`` seconds (the pool's
         ``get_timeout`` by default, None for ever), in arrival order.
 
-        Raises PoolStarved on timeout and PoolShuttingDown once the pool stops.
-        With ``health`` (default: the pool's ``health_on_get``) the kind's
-        health check runs first; an unhealthy instance is released for
-        termination and the next one is tried."""
-        seg = self._live_seg()
+        Raises PoolStarved on timeout, PoolShuttingDown once the pool stops
+        and PoolClosed if this handle is closed meanwhile (from another
+        thread). With ``health`` (default: the pool's ``health_on_get``) the
+        kind's health check runs first; an unhealthy instance is released for
+        termination and the next one is tried. A signal handler that raises
+        (KeyboardInterrupt) interrupts the wait; the place in line is given up."""
+        if self._closed:
+            raise PoolClosed(f"pool handle {self.name!r} was closed")
+        # first try: one C call, no deadline arithmetic; the C core checks the
+        # supervisor's heartbeat with the clock read it makes anyway
+        if not (self._default_health if health is None else health):
+            r = self._core_lease(Lease, self, 0, _STALE_NS)
+            if r.__class__ is Lease:
+                return r
+        else:
+            r = _UNTRIED
+        return self._get_slow(r, timeout, health)
+
+    def _get_slow(self, r: LeaseBase | int, timeout: float | None, health: bool | None) -> Lease:
+        seg = self._seg
         if timeout is _UNSET:
             timeout = self._default_timeout
         check = self._default_health if health is None else health
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
-        if seg.heartbeat_age() > HEARTBEAT_STALE:
-            # the supervisor beats every tick; silence means stopped or dead,
-            # and a dead pool's segment must not hand out instances
-            self._check_live()
+        stale = _STALE_NS
         while True:
-            remaining = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1e9))
-            status, slot, gen = seg.core.acquire(remaining)
-            if status == L.Status.SHUTDOWN:
+            if r == _HEARTBEAT:
+                self._check_live()  # raises PoolNotFound when the supervisor is gone
+                stale = 0
+            elif isinstance(r, Lease):
+                lease = r
+                if not (check and self._kind is not None):
+                    return lease
+                budget = 2.0 if deadline is None else max(0.05, min(2.0, deadline - time.monotonic()))
+                t0 = time.monotonic_ns()
+                try:
+                    healthy = self._kind.client_health(lease.descriptor, budget)
+                except InstanceGone:
+                    healthy = False
+                seg.observe("health", time.monotonic_ns() - t0)
+                if healthy:
+                    return lease
+                seg.count("unhealthy_on_get")
+                log.warning("slot %d gen %d failed its health check on get; replacing it", r.slot, r.generation)
+                lease.release()
+            elif r == _SHUTDOWN:
                 raise PoolShuttingDown(f"pool {self.name!r} is shutting down")
-            if status != L.Status.OK:
+            elif r == _CLOSED:
+                raise PoolClosed(f"pool handle {self.name!r} was closed")
+            elif r != _UNTRIED and deadline is not None and time.monotonic() >= deadline:
                 if not is_alive(seg.header.creator_pid, seg.header.creator_start):
                     raise PoolNotFound(f"the supervisor of pool {self.name!r} is gone")
                 raise PoolStarved(f"no instance of pool {self.name!r} became ready within {timeout} s")
+            if self._closed:
+                raise PoolClosed(f"pool handle {self.name!r} was closed")
+            remaining = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1e9))
             try:
-                lease = Lease(self, slot, gen, decode_descriptor(seg.descriptor_bytes(slot)))
-            except NoodleError:
-                self._release(slot, gen)
-                seg.count("unhealthy_on_get")
-                continue
-            if check and self._kind is not None:
-                budget = 2.0 if deadline is None else max(0.05, min(2.0, deadline - time.monotonic()))
-                t0 = time.monotonic_ns()
-                healthy = self._kind.client_health(lease.descriptor, budget)
-                seg.observe("health", time.monotonic_ns() - t0)
-                if not healthy:
-                    seg.count("unhealthy_on_get")
-                    log.warning("slot %d gen %d failed its health check on get; replacing it", slot, gen)
-                    lease.release()
-                    continue
-            return lease
+                r = self._core_lease(Lease, self, remaining, stale)
+            except ValueError:
+                # the core was closed by another thread between our check and the call
+                raise PoolClosed(f"pool handle {self.name!r} was closed") from None
 
     async def aget(self, timeout: float | None = _UNSET, health: bool | None = None) -> Lease:
         """``get()`` for asyncio: waits in a thread, never blocks the loop.

@@ -14,11 +14,10 @@ import logging
 import time
 from typing import Any
 
+from noodle import holders, lifecycle, queues
 from noodle import layout as L
-from noodle import lifecycle, queues
 from noodle.config import Config
 from noodle.every import Every
-from noodle.host.proc import is_alive, start_time
 from noodle.integrity import IntegrityChecker
 from noodle.seats import WorkerSeats
 from noodle.segment import Segment
@@ -28,7 +27,6 @@ log = logging.getLogger("noodle.supervisor")
 
 SENDER_GRACE_NS = 20_000_000  # a worker or client between its CAS and its send
 RESEND_AFTER_NS = 30_000_000_000  # a dispatched task unclaimed this long was lost
-LEASE_RECORD_GRACE = 2.0  # seconds a lease may show no holder start time
 
 
 class SlotHousekeeping:
@@ -46,7 +44,7 @@ class SlotHousekeeping:
         self.integrity = IntegrityChecker(seg, policy.longest_wait())
         self._missing_ready: dict[int, int] = {}
         self._idle_owned: dict[int, int] = {}
-        self._stuck_waiter: tuple[int, float] | None = None
+        self._turn_watch = holders.TurnWatch()
         self._lease_starts: dict[int, tuple[int, int, float]] = {}  # slot -> (word, start, first seen)
 
     @property
@@ -88,34 +86,17 @@ class SlotHousekeeping:
                 self.seg.count("corruption_repairs")
 
     def reclaim_dead_leases(self) -> None:
-        """A lease whose holder died (or whose pid now belongs to another
-        process) goes to terminate."""
+        """A lease whose holder is dead (on evidence: see noodle.holders) goes to terminate."""
         if not self.every("reclaim", 0.25):
             return
         for slot, word in enumerate(self.seg.states()):
-            if L.word_state(word) != L.State.LEASED:
+            if L.word_state(word) != L.State.LEASED or not holders.lease_holder_dead(
+                self.seg, slot, word, self._lease_starts
+            ):
                 continue
-            pid, gen = L.word_pid(word), L.word_gen(word)
-            rec = self.seg.record(slot)
-            expected = rec.owner_start if rec.owner_gen == (gen & 0xFFFFFFFF) else 0
-            actual = start_time(pid) or 0
-            alive = actual != 0 and (expected == 0 or actual == expected)
-            if alive and expected == 0:
-                # The holder writes its start time right after its CAS, so
-                # this is either that instant or a damaged word naming some
-                # live process. A pid that started after we first saw the
-                # lease cannot be its holder; a record that stays unwritten
-                # is damage.
-                seen = self._lease_starts.get(slot)
-                if seen is None or seen[0] != word:
-                    self._lease_starts[slot] = (word, actual, time.monotonic())
-                else:
-                    alive = seen[1] == actual and time.monotonic() - seen[2] < LEASE_RECORD_GRACE
-            if alive:
-                continue
-            if self.seg.core.cas(slot, word, L.make_word(L.State.TERMINATE, gen, 0)):
+            if self.seg.core.cas(slot, word, L.make_word(L.State.TERMINATE, L.word_gen(word), 0)):
                 self.seg.count("reclaimed_leases")
-                log.warning("slot %d: holder pid %d is gone; reclaiming its instance", slot, pid)
+                log.warning("slot %d: holder pid %d is gone; reclaiming its instance", slot, L.word_pid(word))
             self._lease_starts.pop(slot, None)
 
     def retry_abandoned(self) -> None:
@@ -149,29 +130,13 @@ class SlotHousekeeping:
         self._missing_ready = missing
 
     def sweep_waiters(self) -> None:
-        """Pass the turn on from a queued waiter that died."""
+        """Pass the turn on from a queued waiter that died or stopped (noodle.holders.TurnWatch)."""
         if not self.every("waiters", 0.25):
             return
-        head = self.seg.core.head_waiter()
-        if head is None:
-            self._stuck_waiter = None
-            return
-        ticket, pid, registered = head
-        if registered and pid and is_alive(pid):
-            self._stuck_waiter = None
-            return
-        if not registered:
-            # it may be a live waiter between taking the ticket and writing
-            # its pid: give it a second before presuming it dead
-            if self._stuck_waiter is None or self._stuck_waiter[0] != ticket:
-                self._stuck_waiter = (ticket, time.monotonic())
-                return
-            if time.monotonic() - self._stuck_waiter[1] < 1.0:
-                return
-        if self.seg.core.skip_waiter(ticket):
+        skip = self._turn_watch.check(self.seg)
+        if skip is not None and self.seg.core.skip_waiter(skip[0]):
             self.seg.count("waiters_skipped")
-            log.warning("waiter ticket %d (pid %d) is gone; passing its turn on", ticket, pid)
-        self._stuck_waiter = None
+            log.warning("waiter ticket %d (pid %d) %s; passing its turn on", *skip)
 
     def feed_backlogs(self) -> None:
         """Send tasks for idle slots whose task is not in a queue: a full

@@ -13,8 +13,11 @@ audit) or duplicate one (skipped as stale). Checks, once a second:
   garbage: every waiter is woken and re-queues;
 * a state word with no valid state, a descriptor length past its area,
   or timestamps in the future are reset (the slot goes to clean);
-* ring cells that fit no valid state, twice in a row with head and tail
-  unchanged, mean a corrupt ring: it is rebuilt and ready slots re-queued.
+* ring cells that fit no valid state (a free cell between head and tail,
+  a full cell past tail, a span outside the ring), twice in a row with head
+  and tail unchanged, mean a corrupt ring: it is rebuilt and ready slots
+  re-queued. The C core never walks a corrupt ring (it reports it and
+  returns), so head and tail do stand still.
 """
 
 from __future__ import annotations
@@ -99,7 +102,9 @@ class IntegrityChecker:
             self._ring_suspect = (head, tail, bad)  # maybe operations in flight: look again
             return []
         self._ring_suspect = None
-        seg.core.init_ring()
+        # positions continue past the old head and tail: a peer's delayed CAS
+        # on an old index then fails instead of landing in the new ring
+        seg.core.rebuild_ring()
         requeued = 0
         for slot, word in enumerate(seg.states()):
             if L.word_state(word) == L.State.READY and seg.core.push(slot) == L.Status.OK:

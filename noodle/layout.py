@@ -35,11 +35,14 @@ Header (512 bytes)::
        448    4  tickets            next waiter ticket
        452    4  turn               ticket allowed to pop now
        456    4  overflow_waiters   waiters sleeping for a free wait cell
+       460    4  overflow_seq       futex word, bumped whenever a wait cell frees
 
 Wait cells (wait_cells x 16 bytes) at 512::
 
          0    8  owner              ticket << 32 | pid  (pid 0 = cancelled)
          8    4  wake               futex word, bumped to wake this waiter
+        12    4  start              low 32 bits of the waiter's start time
+                                    (written before owner)
 
 Ready ring (ring_capacity x 8 bytes)::
 
@@ -50,6 +53,7 @@ Slot table (pool_size x slot_size bytes)::
          0    8  state word         gen (38 bits) << 26 | pid (22) << 4 | state (4)
          8    8  owner_start        lease holder's start time (clock ticks)
         16    4  owner_gen          low 32 bits of the generation it belongs to
+                                    (written after owner_start: read it first)
         20    4  failures           consecutive failed steps
         24    8  entered_ns         CLOCK_MONOTONIC when the state was entered
         32    8  queued_ns          when a task for it was last queued (by anyone)
@@ -74,7 +78,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MAGIC = b"NOODLSHM"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 HEADER_SIZE = 512
 MAX_POOL_SIZE = 65536
 MAX_DESCRIPTOR = 64 * 1024
@@ -119,6 +123,9 @@ class Status(enum.IntEnum):
     RANGE = 5
     FULL = 6
     TOO_BIG = 7
+    CLOSED = 8
+    CORRUPT = 9
+    HEARTBEAT = 10
 
 
 class State(enum.IntEnum):
@@ -191,6 +198,13 @@ C = {name: i for i, name in enumerate(COUNTERS)}
 HISTOGRAMS = ["acquire", "wait", "clean", "prepare", "spawn", "terminate", "health", "dispatch"]
 N_HISTOGRAMS = 16
 H = {name: i for i, name in enumerate(HISTOGRAMS)}
+
+def valid_wait_cells(n: int) -> bool:
+    """A power of two in 1..65536: ticket numbers are 32-bit and wrap, and
+    ticket % wait_cells stays continuous across the wrap only for a divisor
+    of 2**32."""
+    return isinstance(n, int) and 1 <= n <= 65536 and n & (n - 1) == 0
+
 
 # ---- state word -------------------------------------------------------------
 

@@ -120,8 +120,11 @@ class Segment:
             raise ConfigError(f"pool_size: {pool_size!r} must be an integer in 1..{L.MAX_POOL_SIZE}")
         if not 0 < descriptor_cap <= L.MAX_DESCRIPTOR:
             raise ConfigError(f"descriptor_size: {descriptor_cap} must be in 1..{L.MAX_DESCRIPTOR}")
-        if not 1 <= wait_cells <= 65536:
-            raise ConfigError(f"wait_cells: {wait_cells} must be in 1..65536")
+        if not L.valid_wait_cells(wait_cells):
+            raise ConfigError(
+                f"wait_cells: {wait_cells} must be a power of two in 1..65536 (tickets are 32-bit counters that"
+                " wrap; only a divisor of 2**32 keeps the cells in step across the wrap)"
+            )
         if len(kind.encode()) > 32:
             raise ConfigError(f"kind: {kind!r} is longer than 32 bytes")
         geo = L.Geometry(pool_size, L.ring_capacity_for(pool_size), descriptor_cap, wait_cells)
@@ -197,8 +200,10 @@ class Segment:
         if self._closed:
             return
         self._closed = True
-        self.core.close()
-        self._mm.close()
+        # calls still waiting in another thread keep the mapping until they
+        # leave (they return PoolClosed); the mmap then goes with its last user
+        if self.core.close():
+            self._mm.close()
 
     def unlink(self) -> None:
         if not self.owner:
@@ -397,7 +402,7 @@ def validate_header(raw: bytes, size: int, pool: str) -> L.Header:
         problems.append(f"ring_capacity {header.ring_capacity}")
     if not 0 < header.descriptor_cap <= L.MAX_DESCRIPTOR:
         problems.append(f"descriptor_cap {header.descriptor_cap}")
-    if not 1 <= header.wait_cells <= 65536:
+    if not L.valid_wait_cells(header.wait_cells):
         problems.append(f"wait_cells {header.wait_cells}")
     if header.n_counters != L.N_COUNTERS or header.n_histograms != L.N_HISTOGRAMS:
         problems.append("counter/histogram counts")

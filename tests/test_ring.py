@@ -186,7 +186,7 @@ def _kill_rounds(seg: Segment, size: int, me: int, pool_name: str) -> None:
     # ...and the turn passed on from waiters that were killed while queued
     skipped = 0
     while (head := seg.core.head_waiter()) is not None:
-        ticket, pid, registered = head
+        ticket, pid, registered, _start = head
         assert not registered or not os.path.exists(f"/proc/{pid}") or pid == me
         assert seg.core.skip_waiter(ticket)
         skipped += 1
@@ -194,3 +194,153 @@ def _kill_rounds(seg: Segment, size: int, me: int, pool_name: str) -> None:
     while (r := seg.core.acquire(0))[0] == L.Status.OK:
         got.add(r[1])
     assert got == set(range(size)), f"lost slots {set(range(size)) - got} after {kills} kills"
+
+
+# ---- corruption at the edges (issue 9 items 1-4) -------------------------------------------
+
+MASK40 = (1 << 40) - 1
+
+
+def _cell(seg: Segment, pos: int) -> int:
+    return seg.geometry.ring_off + 8 * (pos % seg.header.ring_capacity)
+
+
+def _make_cell(seq: int, value: int) -> int:
+    return ((seq & MASK40) << 24) | value
+
+
+def test_free_cell_between_head_and_tail_is_flagged_and_rebuilt_forward(pool_name: str) -> None:
+    from noodle.integrity import IntegrityChecker
+
+    seg = Segment.create(pool_name, 4, "process")
+    try:
+        for slot in range(3):
+            make_ready_slot(seg, slot)
+        _head, tail, _, _ = seg.core.queue_info()
+        assert seg.core.ring_anomalies()[2] == 0
+        # tail pushed one past the last item (a scribble, or a pusher's delayed
+        # CAS): the cell at the old tail is free but now lies inside [head, tail)
+        seg.core.store64(L.OFF_HEARTBEAT + 64, tail + 1)  # H_TAIL = 320
+        assert seg.core.ring_anomalies()[2] >= 1
+        checker = IntegrityChecker(seg, 1.0)
+        repairs = checker.check(False, L.Phase.STARTING) + checker.check(False, L.Phase.STARTING)
+        assert any("ring rebuilt" in r for r in repairs), repairs
+        new_head, new_tail, _, _ = seg.core.queue_info()
+        assert new_head > tail + 1 and new_tail == new_head + 3  # never backwards; the 3 ready ids re-queued
+        assert seg.core.ring_anomalies()[2] == 0
+        assert sorted(seg.core.acquire(0)[1] for _ in range(3)) == [0, 1, 2]
+    finally:
+        seg.close()
+        seg.unlink()
+
+
+def make_ready_slot(seg: Segment, slot: int) -> None:
+    w = seg.core.load(slot)
+    mine = L.make_word(L.State.SPAWN, L.word_gen(w), os.getpid())
+    assert seg.core.cas(slot, w, mine)
+    assert seg.publish(slot, mine, msgpack.packb({"slot": slot})) == L.Status.OK
+
+
+def _in_child(fn) -> int:
+    """Run fn() in a forked child; its exit code (fn's return), or -signal."""
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            code = fn()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 120  # a hang detector, not a speed bound
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return -999
+
+
+@pytest.mark.parametrize("which", ["head-behind", "tail-behind"])
+def test_scribbled_index_is_reported_not_walked(pool_name: str, which: str) -> None:
+    seg = Segment.create(pool_name, 4, "process")
+    try:
+        for slot in range(2):
+            make_ready_slot(seg, slot)
+        _head, tail, _, _ = seg.core.queue_info()
+        if which == "head-behind":
+            seg.core.store64(384, tail - (1 << 38))  # H_HEAD: every cell looks "already consumed"
+        else:
+            seg.core.store64(320, tail - (1 << 38))  # H_TAIL: every cell looks "already filled"
+
+        def probe() -> int:
+            if which == "head-behind":
+                ok = seg.core.pop() == -1 and seg.core.acquire(0)[0] == L.Status.EMPTY
+            else:
+                ok = seg.core.push(3) == L.Status.CORRUPT
+            return 0 if ok else 1
+
+        assert _in_child(probe) == 0
+        assert seg.core.ring_anomalies()[2] == seg.header.ring_capacity
+    finally:
+        seg.close()
+        seg.unlink()
+
+
+def test_consumer_killed_between_cell_and_head_cas_is_legal(pool_name: str) -> None:
+    seg = Segment.create(pool_name, 4, "process")
+    cap = seg.header.ring_capacity
+    try:
+        for slot in range(3):
+            make_ready_slot(seg, slot)
+        head, _tail, _, _ = seg.core.queue_info()
+        # what a consumer's cell CAS leaves when it dies before its head CAS
+        seg.core.store64(_cell(seg, head), _make_cell(head + cap, 0))
+        assert seg.core.ring_anomalies()[2] == 0
+        assert seg.core.pop() == 1  # the next pop completes the dead consumer's step
+        # and a producer that filled the cell at tail but died before moving tail
+        _head, tail, _, _ = seg.core.queue_info()
+        seg.core.store64(_cell(seg, tail), _make_cell(tail + 1, 3))
+        assert seg.core.ring_anomalies()[2] == 0
+        assert seg.core.push(0) == L.Status.OK
+        assert seg.core.ring_ids() == [2, 3, 0]
+    finally:
+        seg.close()
+        seg.unlink()
+
+
+def test_offsets_near_2_64_are_refused(pool_name: str) -> None:
+    import subprocess
+    import sys
+
+    code = f"""
+import mmap
+from noodle import _shm
+from noodle.segment import Segment
+seg = Segment.attach({pool_name!r})
+buf = mmap.mmap(-1, 4096)
+for call in (lambda: seg.core.load64(2**64 - 8), lambda: seg.core.store64(2**64 - 8, 1),
+             lambda: _shm.futex_wake(buf, 2**64 - 4, 1), lambda: _shm.add32(buf, 2**64 - 4, 1),
+             lambda: _shm.futex_wait(buf, 2**64 - 4, 1, 0)):
+    try:
+        call()
+    except IndexError:
+        continue
+    raise SystemExit("accepted an offset near 2**64")
+print("ok")
+"""
+    seg = Segment.create(pool_name, 4, "process")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout, r.stderr)
+    finally:
+        seg.close()
+        seg.unlink()
+
+
+@pytest.mark.parametrize("cells", [3, 100, 255])
+def test_wait_cells_must_divide_2_32(pool_name: str, cells: int) -> None:
+    from noodle.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="power of two"):
+        Segment.create(pool_name, 4, "process", wait_cells=cells)

@@ -252,3 +252,93 @@ def test_shutdown_refuses_get(seg: Segment) -> None:
     seg.core.shutdown()
     assert seg.core.acquire(0)[0] == L.Status.SHUTDOWN
     assert seg.shutting_down
+
+
+# ---- lease holders (issue 9 items 10-11) --------------------------------------------------
+
+from noodle import holders  # noqa: E402
+
+
+def _lease_in_child(seg: Segment, pool_name: str) -> tuple[int, int, int]:
+    """A child leases slot 0 and exits without being reaped: (pid, slot, gen)."""
+    make_ready(seg, 0)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        child = Segment.attach(pool_name)
+        st, slot, gen = child.core.acquire(0)
+        os.write(w, struct.pack("<iiQ", st, slot, gen))
+        os._exit(0)
+    st, slot, gen = struct.unpack("<iiQ", os.read(r, 16))
+    os.close(r)
+    os.close(w)
+    assert st == L.Status.OK
+    return pid, slot, gen
+
+
+def test_zombie_holder_counts_as_dead(seg: Segment, pool_name: str) -> None:
+    pid, slot, _gen = _lease_in_child(seg, pool_name)
+    try:
+        deadline = __import__("time").monotonic() + 30
+        while holders.read_stat(pid) is not None and holders.read_stat(pid)[0] != "Z":
+            assert __import__("time").monotonic() < deadline
+        word = seg.core.load(slot)
+        assert L.word_state(word) == L.State.LEASED and L.word_pid(word) == pid
+        assert holders.lease_holder_dead(seg, slot, word, {})
+    finally:
+        os.waitpid(pid, 0)
+
+
+def test_live_holder_that_cannot_be_seen_is_not_revoked(seg: Segment, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_ready(seg, 1)
+    st, slot, _gen = seg.core.acquire(0)
+    assert st == L.Status.OK
+    word = seg.core.load(slot)
+    assert not holders.lease_holder_dead(seg, slot, word, {})
+    # /proc hidden (hidepid) or unreadable: no evidence of death
+    monkeypatch.setattr(holders, "read_stat", lambda pid: None)
+    seen: dict[int, tuple[int, int, float]] = {}
+    assert not any(holders.lease_holder_dead(seg, slot, word, seen, now=t) for t in (0.0, 10.0, 100.0))
+
+
+class _TornCore:
+    """A core whose holder record a new holder rewrites (start, then gen: the
+    writer's order) right after the reader's first load."""
+
+    def __init__(self, seg: Segment, slot: int, new_start: int, new_gen: int) -> None:
+        self.core = seg.core
+        off = seg.geometry.slot_off(slot)
+        self.start_off, self.gen_off = off + L.R_OWNER_START, off + L.R_OWNER_GEN
+        self.pending = [(self.start_off, new_start), (self.gen_off, new_gen)]
+
+    def load64(self, off: int) -> int:
+        value = self.core.load64(off)
+        while self.pending:  # the writer's two stores land after the reader's first load
+            o, v = self.pending.pop(0)
+            self.core.store64(o, v if o == self.start_off else (self.core.load64(o) & ~0xFFFFFFFF) | v)
+        return value
+
+    def __getattr__(self, name: str):
+        return getattr(self.core, name)
+
+
+def test_holder_record_is_read_gen_first(seg: Segment) -> None:
+    """The new holder's CAS has landed (word: new gen, our pid) while its
+    record still names the previous holder; it writes start, then gen. A
+    reader that loads start before gen can pair the old start with the new
+    gen and revoke a live lease."""
+    make_ready(seg, 2)
+    st, slot, gen = seg.core.acquire(0)
+    assert st == L.Status.OK
+    word = seg.core.load(slot)
+    me = holders.read_stat(os.getpid())
+    assert me is not None
+    off = seg.geometry.slot_off(slot)
+    seg.core.store64(off + L.R_OWNER_START, me[1] + 12345)  # a previous holder's start time...
+    seg.core.store64(off + L.R_OWNER_GEN, (seg.core.load64(off + L.R_OWNER_GEN) & ~0xFFFFFFFF) | (gen - 1))  # ...gen
+    real = seg.core
+    seg.core = _TornCore(seg, slot, me[1], gen & 0xFFFFFFFF)  # type: ignore[assignment]
+    try:
+        assert not holders.lease_holder_dead(seg, slot, word, {})
+    finally:
+        seg.core = real

@@ -128,12 +128,238 @@ def test_dead_head_waiter_is_skipped(pool_name: str) -> None:
         pids, r = _start_waiters(seg, pool_name, 2, 30_000_000_000)
         os.kill(pids[0], signal.SIGKILL)
         os.waitpid(pids[0], 0)
-        ticket, pid, registered = seg.core.head_waiter()
+        ticket, pid, registered, _start = seg.core.head_waiter()
         assert pid == pids[0] and registered
         assert seg.core.skip_waiter(ticket)
         make_ready(seg, 0)
         assert _read(r) == (1, L.Status.OK)
         os.waitpid(pids[1], 0)
+    finally:
+        seg.close()
+        seg.unlink()
+
+
+# ---- issue 9 items 5-9: close, signals, stopped and reused waiters, overflow ----------------
+
+import select as _select  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+from noodle import queues  # noqa: E402
+from noodle.holders import TURN_HOLD_S, TurnWatch  # noqa: E402
+from tests.conftest import REPO  # noqa: E402
+
+
+@pytest.fixture
+def bare_pool(pool_name: str) -> Iterator[Segment]:
+    """A segment and queues owned by this process, as a supervisor makes
+    them, so `noodle.attach` works without workers (nothing is refilled)."""
+    seg = Segment.create(pool_name, 4, "process")
+    seg.heartbeat()
+    qs = queues.create_all(pool_name)
+    yield seg
+    for q in qs.values():
+        q.close()
+    queues.unlink_all(pool_name)
+    seg.close()
+    seg.unlink()
+
+
+def _script(name: str, body: str) -> subprocess.Popen[str]:
+    code = f"import asyncio, os, signal, sys, threading, time\nimport noodle\nNAME = {name!r}\n{body}"
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))  # fmt: skip
+
+
+def _line(p: subprocess.Popen[str], timeout: float = 60.0) -> str:
+    """The child's next output line; '' if none came (a hang detector, not a speed bound)."""
+    assert p.stdout is not None
+    ready, _, _ = _select.select([p.stdout], [], [], timeout)
+    return p.stdout.readline().strip() if ready else ""
+
+
+def _queued(seg: Segment, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        _h, _t, tickets, turn = seg.core.queue_info()
+        head = seg.core.head_waiter()
+        if (tickets - turn) & 0xFFFFFFFF == n and head is not None and head[2]:
+            return
+        assert time.monotonic() < deadline, "waiters never queued"
+        time.sleep(0.005)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["get", "aget"])
+def test_close_while_other_threads_wait_raises_pool_closed(bare_pool: Segment, pool_name: str, how: str) -> None:
+    body = {
+        "get": """
+pool = noodle.attach(NAME)
+out = []
+def wait():
+    try:
+        pool.get(timeout=None)
+        out.append("got")
+    except noodle.PoolClosed:
+        out.append("closed")
+ts = [threading.Thread(target=wait) for _ in range(3)]
+for t in ts: t.start()
+print("ready", flush=True)
+sys.stdin.readline()
+pool.close()
+for t in ts: t.join()
+print(",".join(sorted(out)), flush=True)
+""",
+        "aget": """
+async def main():
+    pool = noodle.attach(NAME)
+    tasks = [asyncio.ensure_future(pool.aget(timeout=None)) for _ in range(3)]
+    await asyncio.sleep(0)
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    pool.close()
+    res = await asyncio.gather(*tasks, return_exceptions=True)
+    print(",".join(sorted("closed" if isinstance(r, noodle.PoolClosed) else repr(r) for r in res)), flush=True)
+asyncio.run(main())
+""",
+    }[how]
+    code = f"import asyncio, os, signal, sys, threading, time\nimport noodle\nNAME = {pool_name!r}\n{body}"
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))  # fmt: skip
+    try:
+        assert _line(p) == "ready"
+        _queued(bare_pool, 3)
+        assert p.stdin is not None
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert _line(p) == "closed,closed,closed"
+        assert p.wait(60) == 0, p.stderr.read() if p.stderr else ""
+        assert bare_pool.core.head_waiter() is None  # every ticket was given up
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.timeout(120)
+def test_sigint_reaches_a_get_blocked_for_ever(bare_pool: Segment, pool_name: str) -> None:
+    p = _script(pool_name, """
+pool = noodle.attach(NAME)
+print("ready", flush=True)
+try:
+    pool.get(timeout=None)
+    print("got", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+""")
+    try:
+        assert _line(p) == "ready"
+        _queued(bare_pool, 1)
+        p.send_signal(signal.SIGINT)
+        assert _line(p) == "interrupted"
+        assert p.wait(60) == 0
+        assert bare_pool.core.head_waiter() is None  # the ticket was cancelled, not left to the sweep
+        make_ready(bare_pool, 0)
+        assert bare_pool.core.acquire(0)[0] == L.Status.OK
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.timeout(120)
+def test_signal_handler_runs_and_the_wait_resumes_in_place(bare_pool: Segment, pool_name: str) -> None:
+    p = _script(pool_name, """
+signal.signal(signal.SIGUSR1, lambda *a: print("handled", flush=True))
+pool = noodle.attach(NAME)
+print("ready", flush=True)
+lease = pool.get(timeout=120)
+print("got", lease.slot, flush=True)
+lease.release()
+""")
+    try:
+        assert _line(p) == "ready"
+        _queued(bare_pool, 1)
+        ticket = bare_pool.core.head_waiter()[0]
+        p.send_signal(signal.SIGUSR1)
+        assert _line(p) == "handled"  # while still blocked in get()
+        _queued(bare_pool, 1)
+        assert bare_pool.core.head_waiter()[0] == ticket  # same place in line
+        make_ready(bare_pool, 2)
+        assert _line(p) == "got 2"
+        assert p.wait(60) == 0
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.timeout(120)
+def test_stopped_head_waiter_loses_its_turn_and_requeues(pool_name: str) -> None:
+    seg = Segment.create(pool_name, 4, "process")
+    try:
+        pids, r = _start_waiters(seg, pool_name, 2, 60_000_000_000)
+        os.kill(pids[0], signal.SIGSTOP)
+        make_ready(seg, 0)  # wakes the head, which cannot run
+        watch = TurnWatch()
+        t = time.monotonic()
+        assert watch.check(seg, t) is None
+        assert watch.check(seg, t + 0.1) is None  # not yet: within the bound
+        skip = watch.check(seg, t + TURN_HOLD_S + 0.1)
+        assert skip is not None and skip[1] == pids[0] and "stopped" in skip[2]
+        assert seg.core.skip_waiter(skip[0])
+        assert _read(r) == (1, L.Status.OK)  # the one behind it is served
+        os.kill(pids[0], signal.SIGCONT)
+        _queued(seg, 1)  # the stopped one queued again when it ran
+        make_ready(seg, 1)
+        assert _read(r) == (0, L.Status.OK)
+        for pid in pids:
+            os.waitpid(pid, 0)
+    finally:
+        seg.close()
+        seg.unlink()
+
+
+@pytest.mark.timeout(60)
+def test_dead_waiter_whose_pid_is_reused_is_skipped(pool_name: str) -> None:
+    seg = Segment.create(pool_name, 4, "process")
+    try:
+        pids, _r = _start_waiters(seg, pool_name, 1, 60_000_000_000)
+        ticket = seg.core.head_waiter()[0]
+        os.kill(pids[0], signal.SIGKILL)
+        os.waitpid(pids[0], 0)
+        # its pid now names another live process (this one): only the start time tells them apart
+        off = seg.geometry.cells_off + 16 * (ticket % seg.header.wait_cells)
+        seg.core.store64(off, (ticket << 32) | os.getpid())
+        skip = TurnWatch().check(seg)
+        assert skip is not None and skip[0] == ticket and skip[2] == "is gone"
+    finally:
+        seg.close()
+        seg.unlink()
+
+
+@pytest.mark.timeout(120)
+def test_overflow_waiters_beyond_the_wait_cells_are_all_served(pool_name: str) -> None:
+    seg = Segment.create(pool_name, 4, "process", wait_cells=1)
+    try:
+        r, w = os.pipe()
+        pids = []
+        for i in range(4):
+            pid = os.fork()
+            if pid == 0:
+                os.close(r)
+                _waiter(pool_name, i, w, 60_000_000_000)
+            pids.append(pid)
+        os.close(w)
+        deadline = time.monotonic() + 30
+        while seg.core.load64(456) & 0xFFFFFFFF != 3:  # H_OVERFLOW: three sleep for the one cell
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        for slot in range(4):
+            make_ready(seg, slot)
+            assert _read(r)[1] == L.Status.OK
+        for pid in pids:
+            os.waitpid(pid, 0)
+        assert seg.core.head_waiter() is None
     finally:
         seg.close()
         seg.unlink()
