@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 
 import msgpack
 import posix_ipc
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 import noodle
 from noodle import layout as L
+from noodle.host.proc import read_stat
 from noodle.segment import Segment, segment_name
 from tests.segmentlib import segment_from_bytes
 
@@ -279,9 +281,9 @@ def _lease_in_child(seg: Segment, pool_name: str) -> tuple[int, int, int]:
 def test_zombie_holder_counts_as_dead(seg: Segment, pool_name: str) -> None:
     pid, slot, _gen = _lease_in_child(seg, pool_name)
     try:
-        deadline = __import__("time").monotonic() + 30
-        while holders.read_stat(pid) is not None and holders.read_stat(pid)[0] != "Z":
-            assert __import__("time").monotonic() < deadline
+        deadline = time.monotonic() + 30
+        while (stat := read_stat(pid)) is not None and not stat.dead:
+            assert time.monotonic() < deadline
         word = seg.core.load(slot)
         assert L.word_state(word) == L.State.LEASED and L.word_pid(word) == pid
         assert holders.lease_holder_dead(seg, slot, word, {})
@@ -334,10 +336,10 @@ def test_holder_record_is_read_gen_first(seg: Segment) -> None:
     me = holders.read_stat(os.getpid())
     assert me is not None
     off = seg.geometry.slot_off(slot)
-    seg.core.store64(off + L.R_OWNER_START, me[1] + 12345)  # a previous holder's start time...
+    seg.core.store64(off + L.R_OWNER_START, me.start + 12345)  # a previous holder's start time...
     seg.core.store64(off + L.R_OWNER_GEN, (seg.core.load64(off + L.R_OWNER_GEN) & ~0xFFFFFFFF) | (gen - 1))  # ...gen
     real = seg.core
-    seg.core = _TornCore(seg, slot, me[1], gen & 0xFFFFFFFF)  # type: ignore[assignment]
+    seg.core = _TornCore(seg, slot, me.start, gen & 0xFFFFFFFF)  # type: ignore[assignment]
     try:
         assert not holders.lease_holder_dead(seg, slot, word, {})
     finally:
