@@ -192,6 +192,22 @@ def wait_for(pred: Callable[[], Any], timeout: float = 30.0, what: str = "condit
         time.sleep(0.02)
 
 
+def attach_started(name: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 60.0) -> Any:
+    """Attach to pool ``name`` once the supervisor ``proc`` (logging to
+    ``log_path``) has created it; fails at once if that supervisor exits."""
+    import noodle
+
+    def attempt() -> Any:
+        if proc.poll() is not None:
+            raise AssertionError(f"supervisor exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
+        try:
+            return noodle.attach(name)
+        except noodle.PoolNotFound:
+            return None
+
+    return wait_for(attempt, timeout, f"pool {name} to start")
+
+
 def wait_full(pool: Any, timeout: float = 30.0) -> dict[str, Any]:
     return wait_for(lambda: (s := pool.stats())["states"]["ready"] == pool.pool_size and s, timeout,
                     f"pool {pool.name} to be full")  # fmt: skip

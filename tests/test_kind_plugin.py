@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from noodle.host.proc import ProcessIdentity
-from tests.conftest import REPO, wait_for, wait_full
+from tests.conftest import REPO, attach_started, wait_for, wait_full
 
 
 def install_plugin(site: Path) -> None:
@@ -24,8 +24,6 @@ def install_plugin(site: Path) -> None:
 
 
 def test_plugin_kind_runs_through_a_real_pool(pool_name: str, run_root: str, tmp_path: Path) -> None:
-    import noodle
-
     site = tmp_path / "site"
     site.mkdir()
     install_plugin(site)
@@ -39,7 +37,7 @@ def test_plugin_kind_runs_through_a_real_pool(pool_name: str, run_root: str, tmp
     with open(log, "ab") as out:
         sup = subprocess.Popen(cmd, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     try:
-        pool = wait_for(lambda: _attach(noodle, pool_name, sup, log), 60, "the pool to start")
+        pool = attach_started(pool_name, sup, log)
         wait_full(pool, 60)
         with pool.get(timeout=10) as lease:
             desc = lease.descriptor
@@ -52,12 +50,3 @@ def test_plugin_kind_runs_through_a_real_pool(pool_name: str, run_root: str, tmp
         sup.send_signal(signal.SIGTERM)
         code = sup.wait(120)
     assert code == 0, log.read_text()
-
-
-def _attach(noodle: object, name: str, sup: subprocess.Popen[bytes], log: Path) -> object:
-    if sup.poll() is not None:
-        raise AssertionError(f"supervisor exited with {sup.returncode}:\n{log.read_text()}")
-    try:
-        return noodle.attach(name)  # type: ignore[attr-defined]
-    except noodle.PoolNotFound:  # type: ignore[attr-defined]
-        return None

@@ -15,7 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tests.conftest import REPO, wait_for, wait_full
+from tests.conftest import REPO, attach_started, wait_full
 
 HANG = 120.0  # seconds after which a stop that has not ended is a hang
 
@@ -78,8 +78,6 @@ def test_worker_collected_by_another_fork_is_still_seen(pool_name: str, run_root
 def test_group_sigterm_stops_quietly(pool_name: str, run_root: str, tmp_path: Path) -> None:
     """Ctrl-C in a terminal, `timeout` or a service manager signal the whole
     process group: workers leaving because the pool stops are no failures."""
-    import noodle
-
     log = tmp_path / "sup.log"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "noodle", "run", "--name", pool_name, "--run-dir", run_root, "--pool-size", "4",
@@ -88,7 +86,7 @@ def test_group_sigterm_stops_quietly(pool_name: str, run_root: str, tmp_path: Pa
         sup = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                start_new_session=True)  # fmt: skip
     try:
-        pool = wait_for(lambda: _attach(noodle, pool_name, sup), 60, "the pool to start")
+        pool = attach_started(pool_name, sup, log)
         wait_full(pool, 60)
         pool.close()
         os.killpg(sup.pid, signal.SIGTERM)
@@ -100,12 +98,3 @@ def test_group_sigterm_stops_quietly(pool_name: str, run_root: str, tmp_path: Pa
     text = log.read_text(errors="replace")
     assert code == 0, text
     assert "exited with 0" not in text and "WARNING" not in text and "ERROR" not in text, text
-
-
-def _attach(noodle: object, name: str, sup: subprocess.Popen[bytes]) -> object:
-    if sup.poll() is not None:
-        raise AssertionError(f"supervisor exited with {sup.returncode}")
-    try:
-        return noodle.attach(name)  # type: ignore[attr-defined]
-    except noodle.PoolNotFound:  # type: ignore[attr-defined]
-        return None

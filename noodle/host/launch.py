@@ -26,6 +26,7 @@ from noodle.host.proc import ProcessIdentity, start_time
 PASSED_FD = 3
 _HIGH_FD = 64  # where descriptors are parked while 0-3 are placed
 _PID_BYTES = 8
+_EXEC_FAILED = b"E"
 _DEFAULT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -67,12 +68,15 @@ def launch_detached(
             except InterruptedError:
                 continue
         data = read_exact(pid_r, _PID_BYTES, 5.0)
+        # then EOF when its exec succeeded (the pipe is close-on-exec), or
+        # one byte when it failed: the cause is in the log
+        failed = len(data) == _PID_BYTES and read_exact(pid_r, 1, 5.0) == _EXEC_FAILED
     finally:
         os.close(pid_r)
         if pid_w >= 0:
             os.close(pid_w)
         os.close(log_fd)
-    if len(data) != _PID_BYTES:
+    if len(data) != _PID_BYTES or failed:
         raise StepFailed(f"could not start {argv[0]}: {log_tail(log_path) or 'no pid reported'}")
     pid = int.from_bytes(data, "little")
     return ProcessIdentity(pid, start_time(pid))
@@ -99,7 +103,9 @@ def _middle(
             in_child()
         os.write(pid_w, os.getpid().to_bytes(_PID_BYTES, "little"))
         # park what we keep above the targets, so that no dup2 overwrites
-        # one not placed yet: 0 null, 1+2 log, 3 the passed descriptor
+        # one not placed yet: 0 null, 1+2 log, 3 the passed descriptor; the
+        # pid pipe stays open until exec closes it
+        pid_w = fcntl.fcntl(pid_w, fcntl.F_DUPFD_CLOEXEC, _HIGH_FD)
         log_hi = fcntl.fcntl(log_fd, fcntl.F_DUPFD, _HIGH_FD)
         passed_hi = fcntl.fcntl(pass_fd, fcntl.F_DUPFD, _HIGH_FD) if pass_fd >= 0 else -1
         null = os.open(os.devnull, os.O_RDONLY)
@@ -111,13 +117,24 @@ def _middle(
             os.dup2(passed_hi, PASSED_FD)
             last = PASSED_FD
         # nothing of the worker (queues, segments, sockets) leaks inside
-        os.closerange(last + 1, 65536)
+        os.closerange(last + 1, pid_w)
+        os.closerange(pid_w + 1, 65536)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         os.execve(argv[0], argv, env)  # noqa: S606 - argv comes from the kind, no shell of ours
     except BaseException as exc:  # noqa: BLE001 - a forked child must never return into the worker
         with contextlib.suppress(BaseException):
-            os.write(log_fd, f"noodle launcher: {exc!r}\n".encode())
+            os.write(log_fd if _is_open(log_fd) else 2, f"noodle launcher: cannot run {argv[0]}: {exc!r}\n".encode())
+        with contextlib.suppress(BaseException):
+            os.write(pid_w, _EXEC_FAILED)
     os._exit(127)
+
+
+def _is_open(fd: int) -> bool:  # pragma: no cover - runs in the forked child
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def read_exact(fd: int, n: int, timeout: float) -> bytes:

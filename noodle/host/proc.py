@@ -135,11 +135,6 @@ class ProcessIdentity:
         st = read_stat(self.pid)
         return st is not None and not st.dead and st.start == self.start
 
-    def present(self) -> bool:
-        """Like ``alive`` but a zombie still counts: it may need reaping."""
-        st = read_stat(self.pid)
-        return bool(self.start) and st is not None and st.start == self.start
-
     def signal(self, sig: int = signal.SIGKILL, group: bool = False) -> bool:
         """Send ``sig`` to the process (or the group it leads) if it is still
         this one; False when it is gone or may not be signalled."""
