@@ -30,6 +30,7 @@ import posix_ipc
 from setproctitle import setproctitle
 
 from noodle import layout as L
+from noodle import log as logmod
 from noodle import queues
 from noodle.config import Config
 from noodle.kinds import Kind
@@ -130,7 +131,8 @@ class Worker:
             self.seg.observe("dispatch", time.monotonic_ns() - rec.queued_ns)
         self._set(STEP_STARTED, time.monotonic_ns())
         try:
-            self.with_permit(lambda: self.step(slot, gen, mine))
+            with logmod.context(slot=slot, generation=gen, step=self.stage):  # fields of --log-format json
+                self.with_permit(lambda: self.step(slot, gen, mine))
         finally:
             self._set(STEP_STARTED, 0)
 
