@@ -72,6 +72,10 @@ class Config:
 
 
 def default_run_root() -> str:
+    # systemd's RuntimeDirectory= (a colon-separated list): the unit's /run/noodle
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime:
+        return runtime
     if os.geteuid() == 0:
         return "/run/noodle"
     base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/noodle-{os.getuid()}"
