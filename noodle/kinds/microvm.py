@@ -49,6 +49,8 @@ from noodle.kinds.base import Kind, PoolInfo, SlotContext
 
 log = logging.getLogger(__name__)
 
+# where the images are found as this module is imported; each pool looks again
+DEFAULT_IMAGE_DIR = images.find("microvm", "vmlinux")
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 __all__ = ["MicrovmHandle", "MicrovmKind", "guest_name"]

@@ -65,6 +65,8 @@ PACKAGES = {"runc": "runc", "crun": "crun", "runsc": "runsc"}
 DEFAULT_ROOTS = {"runc": "/run/runc", "crun": "/run/crun", "runsc": "/var/run/runsc"}
 
 IMAGE_MARKER = "etc/noodle-image"
+# where the rootfs is found as this module is imported; each pool looks again
+DEFAULT_ROOTFS = os.path.join(images.find("oci", "rootfs/" + IMAGE_MARKER), "rootfs")
 _UNIFIED = "/sys/fs/cgroup/unified"
 _SUN_PATH_MAX = 107
 _ID_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
