@@ -66,7 +66,8 @@ def test_wheel_in_a_fresh_venv_runs_a_jail_pool(dist: Path, tmp_path: Path) -> N
     cwd = str(tmp_path)  # not the checkout: nothing may come from it
 
     assert run(noodle, "--version", cwd=cwd, env=env).stdout.startswith("noodle (pool-noodle) ")
-    assert {"process", "jail", "oci", "microvm", "command"} <= set(run(noodle, "kinds", cwd=cwd, env=env).stdout.split())
+    kinds = set(run(noodle, "kinds", cwd=cwd, env=env).stdout.split())
+    assert {"process", "jail", "oci", "microvm", "command"} <= kinds
     where = run(py, "-c", "import noodle, noodle.images as i; print(noodle.__file__); print(i.build_script('jail'))",
                 cwd=cwd, env=env).stdout.split()  # fmt: skip
     assert str(venv) in where[0] and os.path.isfile(where[1]), where

@@ -37,7 +37,7 @@ def find(kind: str, marker: str) -> str:
     primary = image_dir(kind)
     for d in (primary, os.path.join(_CHECKOUT_BUILD, kind)):
         if os.path.exists(os.path.join(d, marker)):
-            return d
+            return os.path.realpath(d)  # runc refuses a rootfs path through a symlink
     return primary
 
 
