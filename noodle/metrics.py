@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -197,8 +198,19 @@ class MetricsServer:
         except OSError as exc:
             raise ConfigError(f"metrics: cannot listen on {address}: {exc.strerror or exc}") from None
         self.address = self._server.server_address[:2]
+        # Workers, and the instances a zygote forks, must not inherit the
+        # listening socket: close their copy (the server thread is not forked).
+        os.register_at_fork(after_in_child=self._close_in_child)
+        self._closed = False
+
+    def _close_in_child(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                self._server.socket.close()
 
     def close(self) -> None:
+        self._closed = True
         with contextlib.suppress(Exception):
             self._server.shutdown()
             self._server.server_close()

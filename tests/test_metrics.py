@@ -3,6 +3,7 @@ prometheus-client's own parser; and `noodle status --prometheus`."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from noodle import layout as L
 from noodle import metrics
 from noodle.errors import ConfigError
-from tests.conftest import REPO, wait_for, wait_full
+from tests.conftest import REPO, descendants, wait_for, wait_full
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,6 +27,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def listen_inode(port: int) -> str:
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            cols = line.split()
+            if cols[1].endswith(f":{port:04X}") and cols[3] == "0A":  # LISTEN
+                return cols[9]
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def sockets_holders(inode: str, pids: list[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    out.append(pid)
+                    break
+            except OSError:
+                pass
+    return sorted(out)
 
 
 def parse(text: str) -> dict[str, Any]:
@@ -93,6 +120,9 @@ def test_scrape_over_http_and_status_prometheus(supervisor, pool_name: str) -> N
 
     fams = parse(scrape(port))
     assert sample(fams, "noodle_up", pool=pool_name) == 1
+    # only the supervisor holds the listening socket: not its workers, not the instances forked from the zygote
+    holders = sockets_holders(listen_inode(port), [sup.pid, *descendants(sup.pid)])
+    assert holders == [sup.pid]
     states = {s.labels["state"]: s.value for s in fams["noodle_slots"].samples}
     assert set(states) == STATES and sum(states.values()) == 3
     assert states["leased"] >= 1
