@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,7 +44,7 @@ def _why_unavailable() -> str | None:
 
 UNAVAILABLE = _why_unavailable()
 needs_jail = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
-needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap missing: run images/jail/build.sh")
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap missing: run `noodle image build jail`")
 
 
 class Jails:
@@ -142,13 +143,15 @@ def run(desc: dict[str, Any], source: str) -> Any:
 
 
 def test_jail_tests_run_here() -> None:
-    """With bubblewrap installed (images/jail/build.sh) or in CI, the jail
+    """With bubblewrap installed (noodle image build jail) or in CI, the jail
     tests must not be skipped for want of a tool."""
+    from noodle import images
+
     if not (os.environ.get("CI") or shutil.which("bwrap")):
-        pytest.skip("not CI and bubblewrap not installed; run images/jail/build.sh")
-    assert shutil.which("bwrap"), "images/jail/build.sh should have installed bubblewrap"
+        pytest.skip("not CI and bubblewrap not installed; run `noodle image build jail`")
+    assert shutil.which("bwrap"), "noodle image build jail should have installed bubblewrap"
     assert UNAVAILABLE is None, UNAVAILABLE
-    assert os.path.isdir(os.path.join(REPO, "images", "build", "jail", "rootfs")), "run images/jail/build.sh"
+    assert os.path.isdir(os.path.join(images.find("jail", "rootfs"), "rootfs")), "run `noodle image build jail`"
 
 
 # -- lifecycle ------------------------------------------------------------------------
@@ -520,12 +523,15 @@ def test_bad_options_name_the_key(tmp_path: Any) -> None:
         JailKind(pool, {"uid_base": 0})
 
 
-def test_build_script_is_idempotent() -> None:
+def test_build_script_is_idempotent(tmp_path: Path) -> None:
     if os.geteuid() != 0 and not shutil.which("bwrap"):
         pytest.skip("build.sh installs packages as root")
-    script = os.path.join(REPO, "images", "jail", "build.sh")
-    first = subprocess.run(["sh", script], capture_output=True, text=True, timeout=600)
+    from noodle import images
+
+    script = images.build_script("jail")
+    first = subprocess.run(["sh", script, str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr
-    again = subprocess.run(["sh", script], capture_output=True, text=True, timeout=600)
+    assert os.path.isfile(tmp_path / "rootfs" / ".noodle-rootfs")
+    again = subprocess.run(["sh", script, str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert "up to date" in again.stdout
