@@ -180,12 +180,16 @@ ProtectKernelLogs=no
 RestrictAddressFamilies=AF_NETLINK
 """
 
+# bubblewrap or unshare as root: namespaces and mounts, chroot, dropping
+# its own capabilities, bringing up lo in the new network namespace
+_JAIL_CAPS = "CAP_SYS_ADMIN CAP_SYS_CHROOT CAP_SETPCAP CAP_NET_ADMIN"
+
 _DROPINS = {
     "process": "# nothing to add: the unit is hardened for this kind\n",
-    "jail": _SANDBOX
-    + "CapabilityBoundingSet=CAP_SYS_ADMIN CAP_SYS_CHROOT CAP_SETPCAP CAP_NET_ADMIN CAP_SYS_PTRACE CAP_MKNOD\n",
+    "jail": _SANDBOX + f"CapabilityBoundingSet={_JAIL_CAPS}\n",
     "command": _SANDBOX
-    + "CapabilityBoundingSet=CAP_SYS_ADMIN CAP_SYS_CHROOT CAP_SETPCAP CAP_NET_ADMIN CAP_SYS_PTRACE CAP_MKNOD\n",
+    + "# what the example bubblewrap scripts need; scripts of your own may need more\n"
+    + f"CapabilityBoundingSet={_JAIL_CAPS}\n",
     "oci": _SANDBOX
     + "# runc/crun/runsc as root: the container's own capabilities must be in the bounding set\n"
     + "CapabilityBoundingSet=CAP_SYS_ADMIN CAP_SYS_CHROOT CAP_SETPCAP CAP_NET_ADMIN CAP_SYS_PTRACE CAP_MKNOD"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+import noodle
+from tests.conftest import REPO, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 KINDS = ("process", "jail", "oci", "microvm", "command")
@@ -118,3 +119,55 @@ def test_supervisor_warns_when_the_process_kind_runs_as_root(supervisor) -> None
     pool.close()
     assert sup.stop() == 0
     assert "process kind isolates nothing" in sup.logtext()
+
+
+def bounding_set(kind: str) -> str:
+    """The unit's and the kind's drop-in's CapabilityBoundingSet, as setpriv's --bounding-set."""
+    caps: set[str] = set()
+    for text in (noodle_unit(), noodle_unit("--kind", kind)):
+        for m in re.finditer(r"^CapabilityBoundingSet=(.*)$", text, re.M):
+            caps |= {c.lower().removeprefix("cap_") for c in m.group(1).split()}
+    return ",".join(["-all", *(f"+{c}" for c in sorted(caps))])
+
+
+@pytest.mark.parametrize(("kind", "config"), [
+    ("process", ""), ("jail", ""), ("oci", '[kinds.oci]\nruntime = "runc"\n'),
+])  # fmt: skip
+def test_kinds_run_with_exactly_the_units_capabilities(pool_name: str, tmp_path: Path, kind: str,
+                                                        config: str) -> None:  # fmt: skip
+    """What systemd would impose on capabilities, imposed by setpriv: the
+    unit's bounding set plus the kind's drop-in, and no_new_privs. (The
+    system-call filter and the mount protections need systemd itself, which
+    does not run here.)"""
+    if os.geteuid() != 0:
+        pytest.fail("the sandbox kinds need root (the project's tests run as root)")
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv missing: install util-linux"
+    cfg = tmp_path / "pool.toml"
+    cfg.write_text(f'kind = "{kind}"\npool_size = 1\n{config}')
+    log = tmp_path / "sup.log"
+    run_root = tmp_path / "r"
+    run_root.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([setpriv, f"--bounding-set={bounding_set(kind)}", "--no-new-privs", sys.executable,
+                                 "-m", "noodle", "run", "--name", pool_name, "--run-dir", str(run_root), "--config",
+                                 str(cfg)], cwd=REPO, env=env, stdout=f, stderr=f)  # fmt: skip
+    try:
+
+        def attach() -> object:
+            if proc.poll() is not None:
+                raise AssertionError(f"supervisor exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                return noodle.attach(pool_name)
+            except noodle.PoolNotFound:
+                return None
+
+        pool = wait_for(attach, 60, "the pool")
+        with pool.get(timeout=60) as lease:
+            assert lease.instance.run("1 + 1").result == 2
+        pool.close()
+    finally:
+        proc.terminate()
+        code = proc.wait(60)
+    assert code == 0, log.read_text()
