@@ -61,7 +61,13 @@ COMMAND_MODULES: list[str] = ["noodle.images.command"]
 
 
 def register(cmd: Command) -> None:
+    """Add a sub-command, or replace one: to add flags to an existing command,
+    register a Command whose configure and run wrap those of ``command(name)``."""
     _COMMANDS[cmd.name] = cmd
+
+
+def command(name: str) -> Command:
+    return _COMMANDS[name]
 
 
 def _load_command_modules() -> None:
@@ -271,12 +277,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     from noodle.client import attach
 
     tty = sys.stdout.isatty()
-    with attach(args.name) as pool:
-        if args.prometheus:
-            from noodle.metrics import exposition
+    if args.prometheus:
+        # printed whether or not the pool runs (noodle_up 0), so a textfile
+        # collector's file says so; the exit code says it too
+        from noodle.metrics import exposition
+        from noodle.segment import Segment
 
-            sys.stdout.write(exposition(args.name))
-            return EXIT_OK
+        try:
+            seg: Segment | None = Segment.attach(args.name)
+        except PoolNotFound:
+            seg = None
+        try:
+            sys.stdout.write(exposition(args.name, seg))
+        finally:
+            if seg is not None:
+                seg.close()
+        return EXIT_OK if seg is not None else EXIT_NO_POOL
+    with attach(args.name) as pool:
         prev: tuple[float, dict[str, int]] | None = None
         while True:
             now = time.time()
@@ -378,6 +395,13 @@ def cmd_unit(args: argparse.Namespace) -> int:
     from noodle.unit import UNITS, UnitOptions
 
     unit = UNITS[args.unit]
+    if args.kind:
+        from noodle.kinds import available_kinds
+        from noodle.suggest import did_you_mean
+
+        if args.kind not in available_kinds():
+            raise ConfigError(f"--kind: unknown kind {args.kind!r}{did_you_mean(args.kind, available_kinds())};"
+                              f" registered kinds: {', '.join(available_kinds())}")  # fmt: skip
     opts = UnitOptions(user=args.user or "", group=args.group or "", kind=args.kind or "")
     if args.kind:
         if unit.dropin is None:

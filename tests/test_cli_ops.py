@@ -145,3 +145,10 @@ def _attach(nd, name: str, proc: subprocess.Popen[bytes]):  # type: ignore[no-un
         return nd.attach(name)
     except nd.PoolNotFound:
         return None
+
+
+def test_prometheus_text_for_a_missing_pool_and_unknown_unit_kind() -> None:
+    res = noodle("status", "--prometheus", "--name", "no-pool-by-this-name")
+    assert res.returncode == 3 and 'noodle_up{pool="no-pool-by-this-name"} 0.0' in res.stdout
+    res = noodle("unit", "--kind", "jial")
+    assert res.returncode == 2 and "did you mean 'jail'" in res.stderr
