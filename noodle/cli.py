@@ -313,10 +313,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             elif args.watch:
                 if tty:
                     sys.stdout.write("\x1b[H\x1b[2J")
-                elif prev is not None:
-                    print()
+                elif rates is not None:
+                    print()  # a blank line between refreshes
                 print(f"{stamp} (every {args.watch:g} s)")
-                print(format_status(snap, rates or dict.fromkeys(_RATE_COUNTERS, 0.0)))
+                print(format_status(snap, rates))
             else:
                 print(format_status(snap))
             sys.stdout.flush()
