@@ -77,7 +77,7 @@ def test_status_watch_pipe_head_exec_exit_and_noodle_pool(supervisor, pool_name:
     # not a terminal: no screen escapes, a timestamp and rates on each refresh
     proc = subprocess.Popen([sys.executable, "-m", "noodle", "status", "--watch", "0.05"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    lines = [proc.stdout.readline() for _ in range(16)]  # type: ignore[union-attr]
+    lines = [proc.stdout.readline() for _ in range(40)]  # type: ignore[union-attr]
     # the reader goes away, as `| head` does: no traceback
     proc.stdout.close()  # type: ignore[union-attr]
     code = proc.wait(30)
