@@ -171,7 +171,7 @@ def test_long_run_dirs_get_short_socket_dirs() -> None:
 def test_missing_kernel_is_kind_unavailable(tmp_path: Any) -> None:
     info = PoolInfo(f"nok{secrets.token_hex(2)}", 1, str(tmp_path), 0, 0)
     kind = MicrovmKind(info, {"kernel": str(tmp_path / "no-such-vmlinux")})
-    with pytest.raises(KindUnavailable, match=r"build\.sh"):
+    with pytest.raises(KindUnavailable, match=r"noodle image build microvm"):
         kind.setup()
     kind.teardown()
     assert_no_qemu(info.name, wait=0)
