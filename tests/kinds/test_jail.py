@@ -485,6 +485,32 @@ def test_userns_mode(jails: Jails) -> None:
 
 @needs_jail
 @pytest.mark.timeout(120)
+def test_userns_mode_from_a_private_installation(jails: Jails, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installation other users cannot search (a clone in /root, a 0700
+    home): the kind copies the agent into its run directory instead of
+    refusing, and the slot uid runs it from there."""
+    if not os.path.exists("/usr/bin/python3"):
+        pytest.skip("userns mode needs a python the slot uid can reach; install python3")
+    import noodle.kinds.jail as jailmod
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    os.chmod(private, 0o700)
+    agent = private / "agent.py"
+    shutil.copy(jailmod.AGENT_FILE, agent)
+    monkeypatch.setattr(jailmod, "AGENT_FILE", str(agent))
+    kind = jails.kind(userns=True, python="/usr/bin/python3", uid_base=225000)
+    slot, desc = up(kind)
+    assert run(desc, "import os; os.getuid()") == 225000
+    copied = os.path.join(kind.pool.run_dir, "jail-agent.py")
+    assert os.stat(copied).st_mode & 0o777 == 0o644
+    with open(copied, "rb") as a, open(agent, "rb") as b:
+        assert a.read() == b.read()
+    kind.terminate(slot, desc)
+
+
+@needs_jail
+@pytest.mark.timeout(120)
 def test_unshare_backend(jails: Jails) -> None:
     for tool in ("unshare", "chroot", "mount"):
         if not shutil.which(tool):
