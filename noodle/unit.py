@@ -121,7 +121,7 @@ UMask=0007
 # the run directory (sockets, per-slot directories) is /run/noodle/POOL
 RuntimeDirectory=noodle
 RuntimeDirectoryPreserve=yes
-# sandbox kinds create per-slot cgroups below the service's own
+# sandbox kinds create per-slot cgroups (cgroup v2: below the service's own)
 Delegate=yes
 
 NoNewPrivileges=yes
@@ -171,7 +171,7 @@ _SANDBOX = """\
 RestrictNamespaces=no
 SystemCallFilter=
 SystemCallErrorNumber=
-# per-slot memory/pids cgroups below the service's (Delegate=yes)
+# the kinds create per-slot memory/pids cgroups
 ProtectControlGroups=no
 # proc mounted inside a user namespace must see an unmasked /proc (the kernel refuses otherwise)
 ProtectKernelTunables=no
@@ -191,16 +191,14 @@ _DROPINS = {
     + "# what the example bubblewrap scripts need; scripts of your own may need more\n"
     + f"CapabilityBoundingSet={_JAIL_CAPS}\n",
     "oci": _SANDBOX
-    + "# runc/crun/runsc as root: the container's own capabilities must be in the bounding set\n"
-    + "CapabilityBoundingSet=CAP_SYS_ADMIN CAP_SYS_CHROOT CAP_SETPCAP CAP_NET_ADMIN CAP_SYS_PTRACE CAP_MKNOD"
-    + " CAP_SETFCAP CAP_AUDIT_WRITE CAP_NET_BIND_SERVICE CAP_NET_RAW CAP_SYS_RESOURCE\n"
-    + "# runsc and runc re-execute themselves from /proc/self/exe and write its memfd copy\n"
-    + "MemoryDenyWriteExecute=no\n",
+    + "# runc, crun, runsc as root (the containers get no capabilities); crun makes /dev nodes\n"
+    + f"CapabilityBoundingSet={_JAIL_CAPS} CAP_MKNOD\n"
+    + "# the runtimes' state (--root) lives in /run/runc, /run/crun, /run/runsc, read-only otherwise\n"
+    + "RuntimeDirectory=runc crun runsc\n",
     "microvm": """\
 [Service]
-# QEMU: KVM when it works, TCG (which maps memory writable and executable) otherwise
+# QEMU uses KVM when it works (TCG otherwise)
 DeviceAllow=/dev/kvm rw
-MemoryDenyWriteExecute=no
 """,
 }
 

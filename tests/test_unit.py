@@ -132,6 +132,7 @@ def bounding_set(kind: str) -> str:
 
 @pytest.mark.parametrize(("kind", "config"), [
     ("process", ""), ("jail", ""), ("oci", '[kinds.oci]\nruntime = "runc"\n'),
+    ("oci", '[kinds.oci]\nruntime = "crun"\n'), ("oci", '[kinds.oci]\nruntime = "runsc"\n'),
 ])  # fmt: skip
 def test_kinds_run_with_exactly_the_units_capabilities(pool_name: str, tmp_path: Path, kind: str,
                                                         config: str) -> None:  # fmt: skip
