@@ -3,7 +3,8 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-KIND_IMAGES := $(wildcard images/*/build.sh)
+# the demo needs the package and its runtime dependencies only
+RUN_STAMP := $(VENV)/.run-stamp
 
 .PHONY: run test bench lint typecheck unit deps images clean-venv help
 
@@ -12,21 +13,26 @@ help:
 	@echo "make test   - set up, then ruff, mypy --strict and the whole pytest suite"
 	@echo "make bench  - run benchmarks/ and write benchmarks/results/*.json"
 	@echo "make deps   - install the Debian packages the sandbox kinds need (root)"
-	@echo "make images - build the jail/oci/microvm images under images/build/"
+	@echo "make images - build the jail/oci/microvm images (noodle image build; into /var/lib/noodle/images)"
 
 $(STAMP): pyproject.toml setup.cfg setup.py noodle/_shm.c
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
+
+$(RUN_STAMP): pyproject.toml setup.cfg setup.py noodle/_shm.c
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e .
+	touch $(RUN_STAMP)
 
 deps:
 	bash scripts/install-deps.sh
 
-images: deps
-	@set -e; for b in $(KIND_IMAGES); do echo "== $$b"; bash $$b; done
+images: deps $(RUN_STAMP)
+	$(VENV)/bin/noodle image build jail oci microvm
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(VENV)/bin/noodle demo --name demo --pool-size 8
 
 lint: $(STAMP)

@@ -18,6 +18,7 @@ from noodle.errors import ConfigError
 from noodle.layout import DEFAULT_DESCRIPTOR, MAX_DESCRIPTOR, MAX_POOL_SIZE
 from noodle.queues import STAGES
 from noodle.segment import validate_name
+from noodle.suggest import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class Config:
     run_dir: str = ""
     group: str = ""
     log_level: str = "INFO"
+    log_format: str = "text"  # text, or json: one object per line
+    metrics: str = ""  # HOST:PORT to serve Prometheus /metrics from the supervisor
+    image_dir: str = ""  # where `noodle image build` put the sandbox images (default: images.DEFAULT_ROOT)
     kinds: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
@@ -68,6 +72,10 @@ class Config:
 
 
 def default_run_root() -> str:
+    # systemd's RuntimeDirectory= (a colon-separated list): the unit's /run/noodle
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime:
+        return runtime
     if os.geteuid() == 0:
         return "/run/noodle"
     base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/noodle-{os.getuid()}"
@@ -75,6 +83,7 @@ def default_run_root() -> str:
 
 
 _NUMBER = (int, float)
+LOG_FORMATS = ("text", "json")
 
 
 def _check(key: str, value: Any) -> Any:
@@ -95,8 +104,16 @@ def _check(key: str, value: Any) -> Any:
         validate_name(value)
     elif key == "pool_size":
         want(is_int(value) and 1 <= value <= MAX_POOL_SIZE, f"expected an integer in 1..{MAX_POOL_SIZE}")
-    elif key in ("kind", "run_dir", "group", "log_level"):
+    elif key in ("kind", "run_dir", "group", "log_level", "log_format", "metrics", "image_dir"):
         want(isinstance(value, str), "expected a string")
+        if key == "log_format":
+            want(value in LOG_FORMATS, f"expected one of {', '.join(LOG_FORMATS)}")
+        if key == "metrics" and value:
+            from noodle.metrics import parse_address
+
+            parse_address(value)
+        if key == "image_dir" and value:
+            want(os.path.isabs(value), "expected an absolute path")
         if key == "kind":
             want(bool(value), "expected a kind name")
         if key == "log_level":
@@ -137,6 +154,7 @@ def _check(key: str, value: Any) -> Any:
 
 
 _KEYS = {f.name for f in fields(Config)}
+check_value = _check  # the flags of `noodle run` are checked by the same rules
 
 
 def from_mapping(data: Mapping[str, Any], base: Config | None = None) -> Config:
@@ -144,7 +162,7 @@ def from_mapping(data: Mapping[str, Any], base: Config | None = None) -> Config:
     updates: dict[str, Any] = {}
     for key, value in data.items():
         if key not in _KEYS:
-            raise ConfigError(f"{key}: unknown setting (known: {', '.join(sorted(_KEYS))})")
+            raise ConfigError(f"{key}: unknown setting{did_you_mean(key, _KEYS)} (known: {', '.join(sorted(_KEYS))})")
         updates[key] = _check(key, value)
     cfg = replace(base or Config(), **updates)
     return cfg
@@ -169,8 +187,16 @@ def load(path: str | None, overrides: Mapping[str, Any]) -> Config:
 
 
 def validate_kind(cfg: Config) -> None:
-    """Resolve the kind and check its options (raises UnknownKind/ConfigError)."""
-    from noodle.kinds import load_kind
+    """Resolve the selected kind and check every ``[kinds.*]`` table, selected
+    or not, so a mistake in a table waiting to be used is found now
+    (raises UnknownKind/ConfigError)."""
+    from noodle.errors import UnknownKind
+    from noodle.kinds import available_kinds, load_kind
 
-    kind_cls = load_kind(cfg.kind)
-    kind_cls.validate_options(cfg.kind_options)
+    load_kind(cfg.kind)
+    for name, options in cfg.kinds.items():
+        try:
+            kind_cls = load_kind(name)
+        except UnknownKind as exc:
+            raise ConfigError(f"kinds.{name}: {exc}{did_you_mean(name, available_kinds())}") from None
+        kind_cls.validate_options(options)

@@ -61,14 +61,12 @@ def test_sd_notify_ready_status_watchdog_stopping(pool_name: str, run_root: str,
     assert lines and all(ln[:3] in ("<6>", "<4>", "<3>", "<2>", "<7>") for ln in lines), lines[:5]
 
 
-def test_unit_file_is_shipped_and_sane() -> None:
-    import noodle
-
-    unit = (Path(noodle.__file__).parent / "noodle@.service").read_text()
-    for line in ("Type=notify", "KillMode=mixed", "NotifyAccess=main", "WatchdogSec=", "ExecStart="):
-        assert line in unit
+def test_unit_is_generated_and_sane() -> None:
     res = noodle_cli("unit")
-    assert res.returncode == 0 and res.stdout == unit
+    assert res.returncode == 0, res.stderr
+    for line in ("Type=notify", "KillMode=mixed", "NotifyAccess=main", "WatchdogSec=", "ExecStart="):
+        assert line in res.stdout
+    # more in tests/test_unit.py (systemd-analyze verify and security)
 
 
 def test_cli_run_status_get_exec(supervisor, pool_name: str) -> None:

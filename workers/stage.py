@@ -31,6 +31,7 @@ from setproctitle import setproctitle
 
 from noodle import layout as L
 from noodle import lifecycle, queues
+from noodle import log as logmod
 from noodle.config import Config
 from noodle.kinds import Kind, SlotContext
 from noodle.segment import Segment
@@ -121,7 +122,8 @@ class Worker:
             self.seg.observe("dispatch", time.monotonic_ns() - rec.queued_ns)
         self._step_started(time.monotonic_ns())
         try:
-            self.with_permit(lambda: self.step(slot, gen, mine))
+            with logmod.context(slot=slot, generation=gen, step=self.spec.stage):  # fields of --log-format json
+                self.with_permit(lambda: self.step(slot, gen, mine))
         finally:
             self._step_started(0)
 

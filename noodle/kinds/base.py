@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 from noodle.errors import ConfigError
 from noodle.handle import AgentHandle
 from noodle.host.proc import ProcessIdentity
+from noodle.suggest import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ class Kind:
         for key in options:
             if key not in cls.OPTIONS:
                 known = ", ".join(sorted(cls.OPTIONS)) or "none"
-                raise ConfigError(f"kinds.{cls.name}.{key}: unknown option (known: {known})")
+                hint = did_you_mean(key, cls.OPTIONS)
+                raise ConfigError(f"kinds.{cls.name}.{key}: unknown option{hint} (known: {known})")
         for key, (typ, default) in cls.OPTIONS.items():
             value = options.get(key, default)
             if value is not None and not isinstance(value, typ):

@@ -30,6 +30,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from noodle import images
 from noodle.errors import ConfigError, KindUnavailable, StepFailed
 from noodle.handle import AgentHandle
 from noodle.host.cgroup import Layout, SlotCgroup, detect
@@ -40,9 +41,6 @@ from noodle.kinds.base import AgentKind, PoolInfo, SlotContext
 
 _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT_FILE = os.path.join(_PKG, "agent.py")
-_REPO_ROOTFS = os.path.join(
-    os.path.dirname(_PKG), "images", "build", "jail", "rootfs"
-)
 INSIDE_SOCKET = "/run/noodle/agent.sock"
 INSIDE_AGENT = "/opt/noodle/agent.py"
 INSIDE_PYTHON = "/opt/python"
@@ -55,8 +53,8 @@ _SUN_PATH_MAX = 107
 class JailKind(AgentKind):
     name = "jail"
     OPTIONS: ClassVar[Mapping[str, tuple[type | tuple[type, ...], Any]]] = {
-        # Lower directory of the overlay root; images/jail/build.sh makes the
-        # default. None: the repo's build, else a skeleton made in setup().
+        # Lower directory of the overlay root; `noodle image build jail` makes the
+        # default. None: that build, else a skeleton made in setup().
         "rootfs": (str, None),
         # Interpreter that runs the agent; its prefix is bind-mounted read-only.
         "python": (str, None),
@@ -102,6 +100,7 @@ class JailKind(AgentKind):
         self._own_rootfs = False
         self._python_prefix: str | None = None
         self._python_inside = ""
+        self._agent_file = AGENT_FILE
 
     # -- names -----------------------------------------------------------------
 
@@ -143,9 +142,9 @@ class JailKind(AgentKind):
         if o["rootfs"] is not None:
             self._rootfs = os.path.abspath(o["rootfs"])
             if not os.path.isdir(self._rootfs):
-                raise ConfigError(f"kinds.jail.rootfs: {self._rootfs} is not a directory (run images/jail/build.sh)")
-        elif os.path.isdir(_REPO_ROOTFS):
-            self._rootfs = _REPO_ROOTFS
+                raise ConfigError(f"kinds.jail.rootfs: {self._rootfs} is not a directory (`noodle image build jail`)")
+        elif os.path.isdir(built := os.path.join(images.find("jail", "rootfs"), "rootfs")):
+            self._rootfs = built
         else:
             self._rootfs = os.path.join(self.pool.run_dir, "jail-rootfs")
             build_skeleton(self._rootfs)
@@ -163,7 +162,11 @@ class JailKind(AgentKind):
         if o["userns"]:
             # bwrap then runs as the slot's uid and resolves every source
             # path itself (an fd passed in is resolved back to its path).
-            paths = [self.pool.run_dir, AGENT_FILE, *o["ro_binds"]]
+            # The agent is copied into the run directory, which this kind
+            # controls, so the installation (a checkout in /root, a 0700
+            # home) need not be searchable by other users.
+            self._agent_file = _copy_readable(AGENT_FILE, os.path.join(self.pool.run_dir, "jail-agent.py"))
+            paths = [self.pool.run_dir, self._agent_file, *o["ro_binds"]]
             if self._python_prefix is not None:
                 paths.append(self._python_prefix)
             for path in paths:
@@ -183,7 +186,7 @@ class JailKind(AgentKind):
         if want in ("auto", "bwrap") and shutil.which("bwrap"):
             return "bwrap"
         if want == "bwrap":
-            raise KindUnavailable("bwrap not found: install the Debian package bubblewrap (images/jail/build.sh does)")
+            raise KindUnavailable("bwrap not found: install the Debian package bubblewrap (noodle image build jail)")
         for tool, package in (("unshare", "util-linux"), ("mount", "mount"), ("chroot", "coreutils")):
             if not shutil.which(tool):
                 raise KindUnavailable(f"{tool} not found: install the Debian package {package} (or bubblewrap)")
@@ -389,7 +392,7 @@ class JailKind(AgentKind):
                 argv += ["--ro-bind", host, host]
         if self._python_prefix is not None:
             argv += ["--ro-bind", self._python_prefix, INSIDE_PYTHON]
-        argv += ["--ro-bind", AGENT_FILE, INSIDE_AGENT]
+        argv += ["--ro-bind", self._agent_file, INSIDE_AGENT]
         for path in o["ro_binds"]:
             argv += ["--ro-bind", path, path]
         argv += ["--bind", sock, "/run/noodle"]
@@ -424,7 +427,7 @@ class JailKind(AgentKind):
                 binds += [host, host]
         if self._python_prefix is not None:
             binds += [self._python_prefix, INSIDE_PYTHON]
-        binds += [AGENT_FILE, INSIDE_AGENT]
+        binds += [self._agent_file, INSIDE_AGENT]
         for path in o["ro_binds"]:
             binds += [path, path]
         flags = ["--pid", "--fork", "--mount", "--ipc", "--uts", "--cgroup", "--propagation", "private"]
@@ -501,7 +504,7 @@ def _blocked_for_others(path: str) -> str | None:
 
 
 def build_skeleton(dest: str) -> None:
-    """The minimal lower layer, as images/jail/build.sh makes it, for hosts
+    """The minimal lower layer, as `noodle image build jail` makes it, for hosts
     where that script was not run: mount points and a small /etc."""
     tmp = dest + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -567,3 +570,19 @@ def _wait_ready(ready_r: int, timeout: float, log_path: str) -> None:
     ready, _, _ = select.select([ready_r], [], [], 0)
     why = "exited before it was ready" if ready else f"was not ready within {timeout} s"
     raise StepFailed(f"the jail {why}: log tail: {log_tail(log_path) or '(empty)'}")
+
+
+def _copy_readable(src: str, dest: str) -> str:
+    """Copy ``src`` to ``dest`` readable by everyone (0644), replacing it
+    atomically so a sandbox starting meanwhile binds a whole file."""
+    tmp = f"{dest}.{os.getpid()}.tmp"
+    with open(src, "rb") as f:
+        data = f.read()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, 0o644)  # explicit: the supervisor's umask is 007
+    finally:
+        os.close(fd)
+    os.replace(tmp, dest)
+    return dest

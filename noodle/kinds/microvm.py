@@ -16,7 +16,7 @@ command so that TCG's translation cache is hot before the lease.
 
 Guest: the Debian cloud kernel (uncompressed vmlinux, PVH entry) and a
 busybox initramfs with a static C agent on a virtio-serial port, both
-built by ``images/microvm/build.sh``. The host reaches the agent through a
+built by ``noodle image build microvm``. The host reaches the agent through a
 QEMU socket chardev; the handle is :class:`MicrovmHandle` (``exec`` and
 ``ping``; the guest has no Python, so ``run``/``call`` raise InstanceError).
 
@@ -41,6 +41,7 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any, ClassVar
 
+from noodle import images
 from noodle.errors import ConfigError, InstanceError, InstanceGone, InstanceTimeout, KindUnavailable, StepFailed
 from noodle.host.launch import launch_detached, log_tail, read_pidfile, write_pidfile
 from noodle.host.proc import ProcessIdentity, is_alive
@@ -50,8 +51,8 @@ from noodle.kinds.base import Kind, PoolInfo, SlotContext
 
 log = logging.getLogger(__name__)
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_IMAGE_DIR = os.path.join(_REPO_ROOT, "images", "build", "microvm")
+# where the images are found as this module is imported; each pool looks again
+DEFAULT_IMAGE_DIR = images.find("microvm", "vmlinux")
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 __all__ = ["MicrovmHandle", "MicrovmKind", "guest_name"]
@@ -124,7 +125,7 @@ class MicrovmKind(Kind):
             raise ConfigError("kinds.microvm: memory_mb must be >= 32 and cpus >= 1")
         if not all(isinstance(a, str) for a in opts["warmup"]):
             raise ConfigError("kinds.microvm.warmup: expected a list of strings (an argv)")
-        image_dir = opts["image_dir"] or os.environ.get("NOODLE_MICROVM_IMAGES") or DEFAULT_IMAGE_DIR
+        image_dir = opts["image_dir"] or os.environ.get("NOODLE_MICROVM_IMAGES") or images.find("microvm", "vmlinux")
         self.kernel = opts["kernel"] or os.path.join(image_dir, "vmlinux")
         self.initrd = opts["initrd"] or os.path.join(image_dir, "initramfs.cpio.gz")
         self.template_dir = os.path.join(pool.run_dir, "microvm")
@@ -142,11 +143,11 @@ class MicrovmKind(Kind):
         if qemu is None:
             raise KindUnavailable(
                 f"{self.options['qemu']} not found: install the Debian package qemu-system-x86 "
-                "(images/microvm/build.sh does)"
+                "(`noodle image build microvm` does)"
             )
         for path, what in ((self.kernel, "kernel"), (self.initrd, "initramfs")):
             if not os.path.isfile(path):
-                raise KindUnavailable(f"microvm {what} {path} missing: run images/microvm/build.sh")
+                raise KindUnavailable(f"microvm {what} {path} missing: run `noodle image build microvm` (as root)")
         tsc = self.options["tsc_khz"]
         return VmConfig(
             qemu=qemu,

@@ -47,6 +47,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from noodle import images
 from noodle.errors import ConfigError, KindUnavailable, StepFailed
 from noodle.handle import AgentHandle
 from noodle.host import cgroup
@@ -64,9 +65,9 @@ PACKAGES = {"runc": "runc", "crun": "crun", "runsc": "runsc"}
 # Where each runtime keeps container state unless --root says otherwise.
 DEFAULT_ROOTS = {"runc": "/run/runc", "crun": "/run/crun", "runsc": "/var/run/runsc"}
 
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_ROOTFS = os.path.join(_REPO, "images", "build", "oci", "rootfs")
 IMAGE_MARKER = "etc/noodle-image"
+# where the rootfs is found as this module is imported; each pool looks again
+DEFAULT_ROOTFS = os.path.join(images.find("oci", "rootfs/" + IMAGE_MARKER), "rootfs")
 _SUN_PATH_MAX = 107
 _ID_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -127,7 +128,7 @@ class OciKind(AgentKind):
         "runtime": (str, "runc"),
         "runtime_path": (str, None),  # default: the runtime's name on PATH
         "runtime_root": (str, None),  # state directory; default: the runtime's own
-        "rootfs": (str, None),  # default: images/build/oci/rootfs of this checkout
+        "rootfs": (str, None),  # default: rootfs of `noodle image build oci`
         "host_usr": (str, "/usr"),  # bound read-only over /usr: the Python the agent runs on
         "python": (str, "/usr/bin/python3"),  # path inside the container
         "memory_mb": (int, 256),
@@ -146,7 +147,9 @@ class OciKind(AgentKind):
         super().__init__(pool, options)
         self.runtime: str = self.options["runtime"]
         # realpath: the runtimes refuse a rootfs reached through a symlink
-        self.rootfs: str = os.path.realpath(self.options["rootfs"] or DEFAULT_ROOTFS)
+        self.rootfs: str = os.path.realpath(
+            self.options["rootfs"] or os.path.join(images.find("oci", "rootfs/" + IMAGE_MARKER), "rootfs")
+        )
         self.state_root: str = self.options["runtime_root"] or DEFAULT_ROOTS[self.runtime]
 
     @classmethod
@@ -246,7 +249,7 @@ class OciKind(AgentKind):
         if not binary or not os.access(binary, os.X_OK):
             raise KindUnavailable(
                 f"oci: runtime {self.runtime!r} not found; install the Debian package {pkg!r} "
-                f"(apt-get install {pkg}, or run images/oci/build.sh)"
+                f"(apt-get install {pkg}, or run `noodle image build oci`)"
             )
         try:
             proc = subprocess.run(
@@ -262,7 +265,7 @@ class OciKind(AgentKind):
         if os.geteuid() != 0:
             raise KindUnavailable("oci: the runtimes need root (rootless containers are not supported by this kind)")
         if not os.path.isfile(os.path.join(self.rootfs, IMAGE_MARKER)):
-            raise KindUnavailable(f"oci: no root filesystem at {self.rootfs}; run images/oci/build.sh")
+            raise KindUnavailable(f"oci: no root filesystem at {self.rootfs}; run `noodle image build oci` (as root)")
         python = os.path.join(self.options["host_usr"], os.path.relpath(self.options["python"], "/usr"))
         if not os.access(python, os.X_OK):
             raise KindUnavailable(f"oci: {python} (the agent's Python) is missing; install the Debian package python3")

@@ -89,7 +89,7 @@ def test_process_mode_with_the_plain_example(kinds: Kinds) -> None:
 @pytest.mark.timeout(60)
 def test_oneshot_bwrap_example(kinds: Kinds) -> None:
     if not shutil.which("bwrap"):
-        pytest.skip("bwrap missing: run images/jail/build.sh")
+        pytest.skip("bwrap missing: run `noodle image build jail`")
     kind = kinds.kind(
         spawn=f"{EX}/bwrap-spawn.sh",
         health=f"{EX}/health.sh {{socket}}",

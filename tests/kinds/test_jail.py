@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,7 +45,7 @@ def _why_unavailable() -> str | None:
 
 UNAVAILABLE = _why_unavailable()
 needs_jail = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
-needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap missing: run images/jail/build.sh")
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap missing: run `noodle image build jail`")
 
 
 class Jails:
@@ -143,13 +144,15 @@ def run(desc: dict[str, Any], source: str) -> Any:
 
 
 def test_jail_tests_run_here() -> None:
-    """With bubblewrap installed (images/jail/build.sh) or in CI, the jail
+    """With bubblewrap installed (noodle image build jail) or in CI, the jail
     tests must not be skipped for want of a tool."""
+    from noodle import images
+
     if not (os.environ.get("CI") or shutil.which("bwrap")):
-        pytest.skip("not CI and bubblewrap not installed; run images/jail/build.sh")
-    assert shutil.which("bwrap"), "images/jail/build.sh should have installed bubblewrap"
+        pytest.skip("not CI and bubblewrap not installed; run `noodle image build jail`")
+    assert shutil.which("bwrap"), "noodle image build jail should have installed bubblewrap"
     assert UNAVAILABLE is None, UNAVAILABLE
-    assert os.path.isdir(os.path.join(REPO, "images", "build", "jail", "rootfs")), "run images/jail/build.sh"
+    assert os.path.isdir(os.path.join(images.find("jail", "rootfs"), "rootfs")), "run `noodle image build jail`"
 
 
 # -- lifecycle ------------------------------------------------------------------------
@@ -483,6 +486,32 @@ def test_userns_mode(jails: Jails) -> None:
 
 @needs_jail
 @pytest.mark.timeout(120)
+def test_userns_mode_from_a_private_installation(jails: Jails, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installation other users cannot search (a clone in /root, a 0700
+    home): the kind copies the agent into its run directory instead of
+    refusing, and the slot uid runs it from there."""
+    if not os.path.exists("/usr/bin/python3"):
+        pytest.skip("userns mode needs a python the slot uid can reach; install python3")
+    import noodle.kinds.jail as jailmod
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    os.chmod(private, 0o700)
+    agent = private / "agent.py"
+    shutil.copy(jailmod.AGENT_FILE, agent)
+    monkeypatch.setattr(jailmod, "AGENT_FILE", str(agent))
+    kind = jails.kind(userns=True, python="/usr/bin/python3", uid_base=225000)
+    slot, desc = up(kind)
+    assert run(desc, "import os; os.getuid()") == 225000
+    copied = os.path.join(kind.pool.run_dir, "jail-agent.py")
+    assert os.stat(copied).st_mode & 0o777 == 0o644
+    with open(copied, "rb") as a, open(agent, "rb") as b:
+        assert a.read() == b.read()
+    kind.terminate(slot, desc)
+
+
+@needs_jail
+@pytest.mark.timeout(120)
 def test_unshare_backend(jails: Jails) -> None:
     for tool in ("unshare", "chroot", "mount"):
         if not shutil.which(tool):
@@ -521,12 +550,15 @@ def test_bad_options_name_the_key(tmp_path: Any) -> None:
         JailKind(pool, {"uid_base": 0})
 
 
-def test_build_script_is_idempotent() -> None:
+def test_build_script_is_idempotent(tmp_path: Path) -> None:
     if os.geteuid() != 0 and not shutil.which("bwrap"):
         pytest.skip("build.sh installs packages as root")
-    script = os.path.join(REPO, "images", "jail", "build.sh")
-    first = subprocess.run(["sh", script], capture_output=True, text=True, timeout=600)
+    from noodle import images
+
+    script = images.build_script("jail")
+    first = subprocess.run(["sh", script, str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr
-    again = subprocess.run(["sh", script], capture_output=True, text=True, timeout=600)
+    assert os.path.isfile(tmp_path / "rootfs" / ".noodle-rootfs")
+    again = subprocess.run(["sh", script, str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert "up to date" in again.stdout

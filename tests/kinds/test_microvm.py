@@ -5,7 +5,7 @@ boot, a saved snapshot) serves every test; each test then gets a pool of
 its own name whose run_dir holds hard links to that template, and drives
 clean/prepare/spawn (a restore)/terminate directly. At teardown every test
 asserts that no QEMU of its pool is left. If the guest images are missing,
-the fixture runs images/microvm/build.sh first (the documented command).
+the fixture runs noodle/images/microvm/build.sh first (the documented command).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from noodle.kinds.base import PoolInfo
 from noodle.kinds.microvm import DEFAULT_IMAGE_DIR, MicrovmHandle, MicrovmKind, guest_name
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BUILD_SH = os.path.join(REPO, "images", "microvm", "build.sh")
+BUILD_SH = os.path.join(REPO, "noodle", "images", "microvm", "build.sh")
 VM_TIMEOUT = 600
 
 
@@ -41,9 +41,10 @@ def _why_unavailable() -> str | None:
     if not os.path.exists(os.path.join(DEFAULT_IMAGE_DIR, "vmlinux")) or not os.path.exists(
         os.path.join(DEFAULT_IMAGE_DIR, "initramfs.cpio.gz")
     ):
-        proc = subprocess.run(["bash", BUILD_SH], capture_output=True, text=True, timeout=1200, check=False)
+        proc = subprocess.run(["bash", BUILD_SH, DEFAULT_IMAGE_DIR], capture_output=True, text=True, timeout=1200,
+                              check=False)
         if proc.returncode != 0:
-            return f"images/microvm/build.sh failed: {proc.stderr[-1500:]}"
+            return f"noodle image build microvm failed: {proc.stderr[-1500:]}"
     if not shutil.which("qemu-system-x86_64"):
         return "qemu-system-x86_64 missing (Debian package qemu-system-x86)"
     return None
@@ -171,7 +172,7 @@ def test_long_run_dirs_get_short_socket_dirs() -> None:
 def test_missing_kernel_is_kind_unavailable(tmp_path: Any) -> None:
     info = PoolInfo(f"nok{secrets.token_hex(2)}", 1, str(tmp_path), 0, 0)
     kind = MicrovmKind(info, {"kernel": str(tmp_path / "no-such-vmlinux")})
-    with pytest.raises(KindUnavailable, match=r"build\.sh"):
+    with pytest.raises(KindUnavailable, match=r"noodle image build microvm"):
         kind.setup()
     kind.teardown()
     assert_no_qemu(info.name, wait=0)

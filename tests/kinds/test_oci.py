@@ -35,7 +35,7 @@ from noodle.kinds.oci import (
 )
 from tests.kinds.ocilib import leftovers
 
-BUILD_HINT = "run images/oci/build.sh"
+BUILD_HINT = "run `noodle image build oci`"
 
 
 def _unavailable(runtime: str) -> str | None:
@@ -516,7 +516,7 @@ def test_missing_rootfs_says_how_to_build() -> None:
     if shutil.which("runc") is None:
         pytest.skip("runc not installed; " + BUILD_HINT)
     kind = OciKind(_pool(), {"runtime": "runc", "rootfs": "/nonexistent/rootfs"})
-    with pytest.raises(KindUnavailable, match=re.escape("images/oci/build.sh")):
+    with pytest.raises(KindUnavailable, match=re.escape("noodle image build oci")):
         kind.setup()
 
 

@@ -132,7 +132,7 @@ def unavailable(case: KindCase) -> str | None:
             return "qemu-system-x86_64 missing (Debian package qemu-system-x86)"
         for f in ("vmlinux", "initramfs.cpio.gz"):
             if not os.path.isfile(os.path.join(DEFAULT_IMAGE_DIR, f)):
-                return f"{DEFAULT_IMAGE_DIR}/{f} missing: run images/microvm/build.sh"
+                return f"{DEFAULT_IMAGE_DIR}/{f} missing: run noodle image build microvm"
     elif case.kind == "oci":
         try:
             from noodle.kinds.oci import DEFAULT_ROOTFS, IMAGE_MARKER
@@ -141,7 +141,7 @@ def unavailable(case: KindCase) -> str | None:
         if not shutil.which(case.runtime):
             return f"{case.runtime} not installed (Debian package {case.runtime})"
         if not os.path.isfile(os.path.join(DEFAULT_ROOTFS, IMAGE_MARKER)):
-            return f"no OCI rootfs at {DEFAULT_ROOTFS}: run images/oci/build.sh"
+            return f"no OCI rootfs at {DEFAULT_ROOTFS}: run noodle image build oci"
     return None
 
 

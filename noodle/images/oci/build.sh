@@ -1,5 +1,5 @@
 #!/bin/sh
-# Build the root filesystem of the `oci` instance kind into images/build/oci/.
+# Build the root filesystem of the `oci` instance kind into DEST/rootfs.
 #
 # The rootfs is a skeleton directory tree plus a static busybox. Python is
 # not copied in: the kind bind-mounts the host's /usr read-only over /usr
@@ -13,17 +13,21 @@
 # rebuilt in a temporary directory and swapped in whole, so an interrupted
 # run never leaves a half-built rootfs behind.
 #
-# Usage: images/oci/build.sh [--force]   (as root; needs the Debian mirrors)
+# Usage: noodle image build oci, or build.sh [--force] [DEST]   (as root; needs
+# the Debian mirrors; DEST defaults to $NOODLE_IMAGE_OUT, else /var/lib/noodle/images/oci)
 set -eu
 
 # Bump when the tree below changes, so existing builds are redone.
 LAYOUT=1
 force=0
-[ "${1:-}" = "--force" ] && force=1
-
-here=$(cd "$(dirname "$0")" && pwd)
-repo=$(cd "$here/../.." && pwd)
-out="$repo/images/build/oci"
+[ -n "${FORCE:-}" ] && force=1
+out=${NOODLE_IMAGE_OUT:-/var/lib/noodle/images/oci}
+for arg in "$@"; do
+    case "$arg" in
+        --force) force=1 ;;
+        *) out=$arg ;;
+    esac
+done
 rootfs="$out/rootfs"
 
 # Debian package -> a file it ships, to tell whether it is installed without
@@ -95,7 +99,7 @@ echo noodle > etc/hostname
 printf '127.0.0.1\tlocalhost noodle\n::1\tlocalhost ip6-localhost ip6-loopback\n' > etc/hosts
 : > etc/resolv.conf
 printf 'passwd: files\ngroup: files\nhosts: files\n' > etc/nsswitch.conf
-printf 'pool-noodle oci rootfs, built %s by images/oci/build.sh\nlayout %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$LAYOUT" > etc/noodle-image
+printf 'pool-noodle oci rootfs, built %s by noodle image build oci\nlayout %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$LAYOUT" > etc/noodle-image
 
 cd "$out"
 if [ -d rootfs ]; then

@@ -4,14 +4,14 @@
 #   1. the Debian packages it drives (bubblewrap; util-linux for setpriv),
 #      installed only when missing, so a warm machine does not touch apt;
 #   2. the read-only lower directory of every slot's overlay root, in
-#      images/build/jail/rootfs: only mount points and a tiny /etc, because
-#      the host's /usr and Python are bind-mounted read-only at spawn time.
+#      DEST/rootfs: only mount points and a tiny /etc, because the host's
+#      /usr and Python are bind-mounted read-only at spawn time.
 #
-# Usage: images/jail/build.sh [DEST]   (DEST defaults to images/build/jail)
+# Usage: noodle image build jail, or build.sh [DEST]
+#        (DEST defaults to $NOODLE_IMAGE_OUT, else /var/lib/noodle/images/jail)
 set -eu
 
-here=$(cd "$(dirname "$0")" && pwd)
-dest=${1:-"$here/../build/jail"}
+dest=${1:-${NOODLE_IMAGE_OUT:-/var/lib/noodle/images/jail}}
 
 missing=""
 command -v bwrap >/dev/null 2>&1 || missing="$missing bubblewrap"
@@ -30,7 +30,7 @@ fi
 # Bump when the layout below changes, so old trees are rebuilt.
 version=3
 mkdir -p "$dest"
-if [ -f "$dest/rootfs/.noodle-rootfs" ] && [ "$(cat "$dest/rootfs/.noodle-rootfs")" = "$version" ]; then
+if [ -z "${FORCE:-}" ] && [ -f "$dest/rootfs/.noodle-rootfs" ] && [ "$(cat "$dest/rootfs/.noodle-rootfs")" = "$version" ]; then
     echo "build.sh: $dest/rootfs is up to date"
     exit 0
 fi

@@ -2,15 +2,15 @@
 # Build the microvm kind's guest: an uncompressed Debian kernel (vmlinux,
 # booted through its PVH entry) and a busybox initramfs with the static C
 # agent. Idempotent: every step is skipped when its output is newer than
-# its inputs. Artifacts go to images/build/microvm/ (gitignored).
+# its inputs. Artifacts go to DEST ($NOODLE_IMAGE_OUT, else
+# /var/lib/noodle/images/microvm).
 #
-#   images/microvm/build.sh            # build what is missing
-#   FORCE=1 images/microvm/build.sh    # rebuild everything
+#   noodle image build microvm           # build what is missing (or: build.sh [DEST])
+#   noodle image build --force microvm   # rebuild everything (FORCE=1)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ROOT="$(cd "$HERE/../.." && pwd)"
-OUT="${NOODLE_MICROVM_BUILD:-$ROOT/images/build/microvm}"
+OUT="${1:-${NOODLE_IMAGE_OUT:-${NOODLE_MICROVM_BUILD:-/var/lib/noodle/images/microvm}}}"
 KERNEL_META="${KERNEL_META:-linux-image-cloud-amd64}"
 mkdir -p "$OUT"
 
