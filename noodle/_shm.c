@@ -661,6 +661,22 @@ static void lease_dealloc(LeaseBase *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* A lease dropped unreleased by its holder is released by Lease._dropped()
+   (a ResourceWarning and a release). Checked here, not in a Python
+   __del__, so the common case (released) costs no Python call. */
+static void lease_finalize(PyObject *self) {
+    LeaseBase *l = (LeaseBase *)self;
+    if (l->released || l->pool == NULL) return;
+    identity();
+    if ((uint32_t)l->owner_pid != g_pid) return; /* only the holder itself may release */
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyObject *r = PyObject_CallMethod(self, "_dropped", NULL);
+    if (!r) PyErr_WriteUnraisable(self);
+    Py_XDECREF(r);
+    PyErr_Restore(et, ev, tb);
+}
+
 static PyMemberDef lease_members[] = {
     {"slot", T_LONGLONG, offsetof(LeaseBase, slot), 0, "slot id"},
     {"generation", T_ULONGLONG, offsetof(LeaseBase, generation), 0, "the slot's generation when leased"},
@@ -679,6 +695,7 @@ static PyTypeObject LeaseBaseType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_new = PyType_GenericNew,
     .tp_dealloc = (destructor)lease_dealloc,
+    .tp_finalize = lease_finalize,
     .tp_members = lease_members,
     .tp_doc = "Storage of a lease (subclassed by noodle.client.Lease).",
 };
