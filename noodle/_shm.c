@@ -22,8 +22,17 @@
  *    slot `ready` but absent from the ring; the supervisor's audit re-pushes
  *    it. Duplicate ids in the ring are harmless: leasing CASes the state
  *    word from `ready`, so a stale entry just fails and is skipped.
- *  - A waiter killed while queued leaves a ticket whose pid is dead; the
- *    supervisor's sweep passes the turn on.
+ *  - A waiter killed while queued leaves a ticket whose (pid, start time)
+ *    is dead; the supervisor's sweep passes the turn on. It also passes it
+ *    on from a live head waiter that does not run (stopped): that waiter
+ *    finds its turn gone when it runs and queues again.
+ *  - Nothing here walks a damaged ring or spins on one: an index is helped
+ *    forward only past the one cell state a peer legally leaves behind, and
+ *    anything else returns ST_CORRUPT for the integrity check to rebuild.
+ *  - A wait gives the GIL up; Core.close() from another thread therefore
+ *    only marks the object closing and wakes the waiters, and the mapping
+ *    is released by the last call to leave. A signal returns to Python to
+ *    run its handlers (the ticket is kept unless a handler raises).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -374,7 +383,10 @@ static int acquire_wait(Core *c, Wait *ws, uint32_t *slot, uint64_t *gen) {
             uint32_t seq = __atomic_load_n(U32(c, H_OVERFLOW_SEQ), __ATOMIC_SEQ_CST);
             uint32_t tn = __atomic_load_n(turnp, __ATOMIC_SEQ_CST);
             uint32_t tk = __atomic_load_n(ticketsp, __ATOMIC_SEQ_CST);
-            if (now_ns() >= ws->deadline) return ST_EMPTY;
+            if (now_ns() >= ws->deadline) {
+                count(c, K_WAIT_TIMEOUTS, 1);
+                return ST_EMPTY;
+            }
             if ((uint32_t)(tk - tn) >= c->wait_cells) {
                 /* every wait cell is taken: sleep until one frees up (a
                    bounded sleep too, in case the waker died in between) */
@@ -649,6 +661,22 @@ static void lease_dealloc(LeaseBase *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* A lease dropped unreleased by its holder is released by Lease._dropped()
+   (a ResourceWarning and a release). Checked here, not in a Python
+   __del__, so the common case (released) costs no Python call. */
+static void lease_finalize(PyObject *self) {
+    LeaseBase *l = (LeaseBase *)self;
+    if (l->released || l->pool == NULL) return;
+    identity();
+    if ((uint32_t)l->owner_pid != g_pid) return; /* only the holder itself may release */
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyObject *r = PyObject_CallMethod(self, "_dropped", NULL);
+    if (!r) PyErr_WriteUnraisable(self);
+    Py_XDECREF(r);
+    PyErr_Restore(et, ev, tb);
+}
+
 static PyMemberDef lease_members[] = {
     {"slot", T_LONGLONG, offsetof(LeaseBase, slot), 0, "slot id"},
     {"generation", T_ULONGLONG, offsetof(LeaseBase, generation), 0, "the slot's generation when leased"},
@@ -667,6 +695,7 @@ static PyTypeObject LeaseBaseType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_new = PyType_GenericNew,
     .tp_dealloc = (destructor)lease_dealloc,
+    .tp_finalize = lease_finalize,
     .tp_members = lease_members,
     .tp_doc = "Storage of a lease (subclassed by noodle.client.Lease).",
 };

@@ -119,13 +119,13 @@ class Lease(LeaseBase):
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.release()
 
-    def __del__(self) -> None:
-        # a dropped lease is a bug in the caller, but it must not leak the
-        # instance until the holder exits; only the holder itself may release
-        if not getattr(self, "_released", True) and self._owner_pid == _PID[0]:
-            warnings.warn(f"{self!r} was never released; releasing it now", ResourceWarning, stacklevel=1)
-            with contextlib.suppress(Exception):
-                self.release()
+    def _dropped(self) -> None:
+        # Called by LeaseBase's finalizer (C) for a lease its holder dropped
+        # unreleased: a bug in the caller, but it must not leak the instance
+        # until the holder exits.
+        warnings.warn(f"{self!r} was never released; releasing it now", ResourceWarning, stacklevel=1)
+        with contextlib.suppress(Exception):
+            self.release()
 
 
 class Pool:

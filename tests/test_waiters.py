@@ -363,3 +363,29 @@ def test_overflow_waiters_beyond_the_wait_cells_are_all_served(pool_name: str) -
     finally:
         seg.close()
         seg.unlink()
+
+
+def test_dropped_lease_is_released_by_its_holder_only(bare_pool: Segment, pool_name: str) -> None:
+    import gc
+    import warnings
+
+    import noodle
+
+    pool = noodle.attach(pool_name)
+    try:
+        make_ready(bare_pool, 0)
+        lease = pool.get(timeout=0)
+        slot = lease.slot
+        with pytest.warns(ResourceWarning, match="never released"):
+            del lease
+            gc.collect()
+        assert L.word_state(bare_pool.core.load(slot)) == L.State.TERMINATE
+        make_ready(bare_pool, 1)
+        kept = pool.get(timeout=0)
+        assert kept.release()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            del kept  # released: dropping it is silent
+            gc.collect()
+    finally:
+        pool.close()

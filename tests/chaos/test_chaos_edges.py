@@ -128,6 +128,8 @@ def test_chaos_close_under_waiting_threads(supervisor, pool_name: str, soak: boo
     settle_and_check(pool, sup.pid, pool_name)
     rounds = rounds_for(soak)
     outcomes: dict[str, int] = {}
+    sampler = Sampler(pool)
+    sampler.start()
     for _ in range(rounds):
         held = [pool.get(timeout=30) for _ in range(POOL_SIZE)]
         other = noodle.attach(pool_name)
@@ -165,7 +167,8 @@ def test_chaos_close_under_waiting_threads(supervisor, pool_name: str, soak: boo
         for lease in held:
             lease.release()
         settle_and_check(pool, sup.pid, pool_name)
-    report("close under waiting get()/aget() threads", rounds, outcomes=outcomes, lost=0)
+    sampler.finish()
+    report("close under waiting get()/aget() threads", rounds, outcomes=outcomes, samples=sampler.samples, lost=0)
     pool.close()
 
 
@@ -175,6 +178,8 @@ def test_chaos_sigint_to_blocked_get(supervisor, pool_name: str, soak: bool) -> 
     settle_and_check(pool, sup.pid, pool_name)
     rounds = rounds_for(soak)
     interrupted = 0
+    sampler = Sampler(pool)
+    sampler.start()
     for _ in range(rounds):
         held = [pool.get(timeout=30) for _ in range(POOL_SIZE)]
         p = _blocked_client(pool_name, "try:\n    pool.get(timeout=None)\nexcept KeyboardInterrupt:\n"
@@ -189,6 +194,7 @@ def test_chaos_sigint_to_blocked_get(supervisor, pool_name: str, soak: bool) -> 
         for lease in held:
             lease.release()
         settle_and_check(pool, sup.pid, pool_name)
+    sampler.finish()
     assert pool.stats()["counters"]["waiters_skipped"] == 0
-    report("SIGINT to a blocked get()", rounds, interrupted=interrupted, lost=0)
+    report("SIGINT to a blocked get()", rounds, interrupted=interrupted, samples=sampler.samples, lost=0)
     pool.close()
