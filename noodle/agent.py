@@ -248,9 +248,7 @@ def _unsafe_error(detail: str) -> dict[str, Any]:
     return {"module": "noodle.errors", "name": "UnsafeResult", "args": [message], "message": message, "traceback": ""}
 
 
-def encode_outcome(
-    ok: bool, value: Any, exc: BaseException | None, stdout: str, stderr: str, pickled: bool
-) -> bytes:
+def encode_outcome(ok: bool, value: Any, exc: BaseException | None, stdout: str, stderr: str, pickled: bool) -> bytes:
     """A result payload: RESULT_MAGIC, the encoding byte, then the record
     ``{ok, value | error, stdout, stderr}`` (pickled: plus ``exception``)."""
     record: dict[str, Any] = {"ok": ok, "stdout": stdout, "stderr": stderr}
