@@ -78,10 +78,11 @@ class Executor(concurrent.futures.Executor):
         self._own_pool = isinstance(pool, str)
         self._pool = attach(pool) if isinstance(pool, str) else pool
         try:
-            kind = self._pool.kind_name
+            # a kind derived from a Python kind (same name) runs Python too
+            kind = getattr(getattr(self._pool, "_kind", None), "name", "") or self._pool.kind_name
             if kind not in PYTHON_KINDS:
                 raise KindUnsupported(
-                    f"pool {self._pool.name!r} is of kind {kind!r}, whose instances do not run Python;"
+                    f"pool {self._pool.name!r} is of kind {self._pool.kind_name!r}, whose instances do not run Python;"
                     f" noodle.Executor needs one of: {', '.join(sorted(PYTHON_KINDS))}"
                 )
             if max_workers is None:
