@@ -34,14 +34,11 @@ The instance is single-use, so state kept between calls of one lease (the
 from __future__ import annotations
 
 import ast
-import base64
 import contextlib
-import datetime
 import importlib
 import io
 import json
 import os
-import pickle
 import socket
 import struct
 import subprocess
@@ -153,7 +150,17 @@ def _put(v: Any, out: list[bytes], depth: int, where: str) -> None:
         for key, item in v.items():
             _put(key, out, depth + 1, f"{where} key")
             _put(item, out, depth + 1, f"{where}[{key!r:.40}]")
-    elif t is datetime.datetime or t is datetime.date or t is datetime.time:
+    elif t.__module__ == "datetime":
+        _put_datetime(v, out, where)
+    else:
+        raise NotPlain(f"{where} is a {t.__module__}.{t.__qualname__}, not plain data")
+
+
+def _put_datetime(v: Any, out: list[bytes], where: str) -> None:
+    import datetime  # only when a result holds one: the agent's start-up stays lean
+
+    t = type(v)
+    if t is datetime.datetime or t is datetime.date or t is datetime.time:
         if t is not datetime.date and v.tzinfo is not None:
             offset = v.utcoffset()
             if offset is None:
@@ -278,6 +285,8 @@ def encode_outcome(ok: bool, value: Any, exc: BaseException | None, stdout: str,
 
 
 def _pickle_record(record: dict[str, Any]) -> bytes:
+    import pickle
+
     try:
         return pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as e:  # noqa: BLE001 - any object may refuse pickling, in any way
@@ -313,6 +322,8 @@ def run_task(payload: bytes, output_cap: int = OUTPUT_CAP) -> bytes:
     pickled = payload[len(TASK_MAGIC) : len(TASK_MAGIC) + 1] == PICKLED
 
     def call() -> Any:
+        import pickle
+
         if not payload.startswith(TASK_MAGIC) or payload[len(TASK_MAGIC) : len(TASK_MAGIC) + 1] not in (PLAIN, PICKLED):
             raise ValueError("not a task payload (bad magic or result mode)")
         fn, args, kwargs = pickle.loads(payload[len(TASK_MAGIC) + 1 :])  # noqa: S301 - the caller is trusted in here
@@ -343,6 +354,8 @@ class Agent:
         op = req.get("op")
         if op == "ping":
             return {"ok": True, "pid": os.getpid()}
+        import base64
+
         if op in ("run", "call"):
             pickled = req.get("results") == "pickle"
             if op == "run":
