@@ -117,15 +117,18 @@ class Executor(concurrent.futures.Executor):
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
         """Schedule ``fn(*args, **kwargs)`` in a fresh instance."""
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        try:
+            # pickled now, outside the lock: later changes to the arguments do not travel
+            payload = codec.encode_task(fn, args, kwargs, pickle_results=self._trust)
+        except TypeError as exc:
+            future.set_exception(exc)
+            return future
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            future: concurrent.futures.Future[T] = concurrent.futures.Future()
-            try:
-                payload = codec.encode_task(fn, args, kwargs, pickle_results=self._trust)
-            except TypeError as exc:
-                future.set_exception(exc)
-                return future
             self._queue.put(_WorkItem(future, payload, self._timeout))
             self._adjust_threads()
             return future

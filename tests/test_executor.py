@@ -450,3 +450,23 @@ env = {{ PYTHON = "/usr/bin/python3" }}
             noodle.Executor(p.name)  # attached by name, and closed again
     finally:
         p.close()
+
+
+# -- run/call through the same codec ---------------------------------------------------------
+
+
+def test_run_and_call_keep_types_output_and_cap(pool: Any) -> None:
+    with pool.get(timeout=60) as lease:
+        inst = lease.instance
+        assert inst.run("{1, 2}").result == {1, 2}
+        assert inst.run("b'x', (1,)").result == (b"x", (1,))
+        assert inst.call("datetime:date", 2026, 11, 30) == datetime.date(2026, 11, 30)
+        out = inst.run("print('y' * 20_000_000)", timeout=120).stdout
+        assert out.startswith("y" * 1000) and len(out) < 2_000_000
+        assert out.rstrip().endswith("more characters dropped]")
+        with pytest.raises(noodle.InstanceError, match="KeyError") as info:
+            inst.run("import sys; print('to out'); print('to err', file=sys.stderr); {}['k']")
+        err = info.value
+        assert (err.stdout, err.stderr, err.remote_type) == ("to out\n", "to err\n", "KeyError")
+        assert "agent.py" not in err.remote_traceback and "<noodle>" in err.remote_traceback
+    wait_full(pool)
