@@ -60,6 +60,7 @@ PLAIN = b"S"  # plain-data encoding: decodable without running any code
 PICKLED = b"P"  # pickle: only for a caller that trusts the instance
 MAX_DEPTH = 200
 _SEQ_TAGS: dict[type, bytes] = {list: b"l", tuple: b"t", set: b"e", frozenset: b"z"}
+_DATETIME_TAGS = {"datetime": b"D", "date": b"a", "time": b"m", "timedelta": b"r"}
 _U32 = struct.Struct(">I")
 _F64 = struct.Struct(">d")
 _C128 = struct.Struct(">dd")
@@ -160,19 +161,22 @@ def _put_datetime(v: Any, out: list[bytes], where: str) -> None:
     import datetime  # only when a result holds one: the agent's start-up stays lean
 
     t = type(v)
-    if t is datetime.datetime or t is datetime.date or t is datetime.time:
-        if t is not datetime.date and v.tzinfo is not None:
+    if t is datetime.date:
+        fields = [v.year, v.month, v.day]
+    elif t is datetime.datetime or t is datetime.time:
+        fields = [v.year, v.month, v.day] if t is datetime.datetime else []
+        fields += [v.hour, v.minute, v.second, v.microsecond, v.fold]
+        if v.tzinfo is not None:
             offset = v.utcoffset()
             if offset is None:
                 raise NotPlain(f"{where}: a {t.__name__} with tzinfo {v.tzinfo!r} has no fixed offset")
-            v = v.replace(tzinfo=datetime.timezone(offset))
-        out.append({datetime.datetime: b"D", datetime.date: b"a", datetime.time: b"m"}[t])
-        _put_bytes(v.isoformat().encode(), out)
+            fields += [offset.days, offset.seconds, offset.microseconds]
     elif t is datetime.timedelta:
-        out.append(b"r")
-        _put_bytes(f"{v.days} {v.seconds} {v.microseconds}".encode(), out)
+        fields = [v.days, v.seconds, v.microseconds]
     else:
         raise NotPlain(f"{where} is a {t.__module__}.{t.__qualname__}, not plain data")
+    out.append(_DATETIME_TAGS[t.__name__])
+    _put_bytes(" ".join(map(str, fields)).encode(), out)
 
 
 def _put_bytes(b: bytes, out: list[bytes]) -> None:

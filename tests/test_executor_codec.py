@@ -23,6 +23,7 @@ from noodle.errors import BadPayload, InstanceError, UnsafeResult
 
 # -- plain data ---------------------------------------------------------------------------
 
+_DAY, _US = datetime.timedelta(days=1), datetime.timedelta(microseconds=1)
 _scalars = (
     st.none()
     | st.booleans()
@@ -33,7 +34,7 @@ _scalars = (
     | st.text()
     | st.binary()
     | st.datetimes()
-    | st.datetimes(timezones=st.timezones()).filter(lambda d: d.utcoffset() is not None)
+    | st.datetimes(timezones=st.builds(datetime.timezone, st.timedeltas(-_DAY + _US, _DAY - _US)))
     | st.dates()
     | st.times()
     | st.timedeltas()
@@ -63,7 +64,9 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, datetime.datetime) and a.tzinfo is not None:
-        return a == b and a.utcoffset() == b.utcoffset()
+        # a zone becomes its fixed offset (aware times in a DST fold never
+        # compare equal across zones, so compare wall time and offset)
+        return a.replace(tzinfo=None) == b.replace(tzinfo=None) and a.utcoffset() == b.utcoffset()
     return bool(a == b)
 
 
@@ -71,6 +74,14 @@ def _same(a: Any, b: Any) -> bool:
 @given(_plain)
 def test_plain_values_round_trip_with_their_types(value: Any) -> None:
     assert _same(codec.loads_plain(codec.dumps_plain(value)), value)
+
+
+def test_a_zone_becomes_its_fixed_offset() -> None:
+    import zoneinfo
+
+    when = datetime.datetime(2026, 7, 1, 12, tzinfo=zoneinfo.ZoneInfo("Europe/Oslo"))
+    out = codec.loads_plain(codec.dumps_plain(when))
+    assert out == when and out.tzinfo == datetime.timezone(datetime.timedelta(hours=2))
 
 
 def test_special_floats_and_surrogates() -> None:
@@ -124,6 +135,8 @@ def test_cycles_and_depth_are_refused() -> None:
         b"d\x00\x00\x00\x01l\x00\x00\x00\x00N",  # an unhashable key
         b"e\x00\x00\x00\x01l\x00\x00\x00\x00",  # an unhashable set item
         b"D\x00\x00\x00\x03bad",
+        b"D\x00\x00\x00\x051 2 3",  # too few fields
+        b"a\x00\x00\x00\x0a2026 13 40",  # out of range
         b"l\x00\x00\x00\x01" * (codec.MAX_DEPTH + 2) + b"N",
     ],
 )
@@ -240,11 +253,14 @@ def test_unknown_or_unsafe_exception_classes_become_instance_error() -> None:
     assert "no.such.module" not in sys.modules  # lookups never import
 
 
-def test_system_exit_and_builtin_types() -> None:
-    exc = _outcome(lambda: sys.exit(4)).exception
-    assert type(exc) is SystemExit and exc.args == (4,)
+def test_builtin_types_and_system_exit() -> None:
     exc = _outcome(lambda: open("/nonexistent/x")).exception
     assert type(exc) is FileNotFoundError and exc.errno == 2
+    # from an untrusted instance, SystemExit or KeyboardInterrupt must not stop the caller
+    exc = _outcome(lambda: sys.exit(4)).exception
+    assert type(exc) is InstanceError and exc.remote_type == "SystemExit"
+    exc = _outcome(lambda: sys.exit(4), pickled=True).exception
+    assert type(exc) is SystemExit and exc.args == (4,)  # trusted: as raised
 
 
 def test_non_plain_exception_args_fall_back_to_the_message() -> None:
