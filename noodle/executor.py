@@ -168,6 +168,8 @@ class Executor(concurrent.futures.Executor):
         except BaseException as exc:  # noqa: BLE001 - the future carries whatever went wrong
             item.future.set_exception(exc)
             return
+        error: BaseException | None = None
+        value: Any = None
         try:
             limit = _NO_LIMIT if item.timeout is None else item.timeout
             try:
@@ -178,15 +180,19 @@ class Executor(concurrent.futures.Executor):
                 ) from None
             value = codec.decode_result(payload, trust=self._trust)
         except BaseException as exc:  # noqa: BLE001 - the task's own exception, or the pool's
-            item.future.set_exception(exc)
-        else:
-            item.future.set_result(value)
+            error = exc
         finally:
             # single use: releasing terminates the instance (and ends a task
-            # that ran past its timeout)
+            # that ran past its timeout); before the future completes, so a
+            # caller that sees the result may close the pool at once
             with contextlib.suppress(NoodleError):
                 lease.release()
             del lease
+        if error is not None:
+            item.future.set_exception(error)
+        else:
+            item.future.set_result(value)
+        del error, value
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
