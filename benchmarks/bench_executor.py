@@ -16,9 +16,10 @@ same run, each with 1 caller (tasks one after the other) and 4 callers
 Ratios are the alternative's time per task divided by the Executor's (p50),
 and the Executor's jobs/s divided by the alternative's.
 
-    python benchmarks/bench_executor.py [--quick] [--pool-size N]
+    python benchmarks/bench_executor.py [--quick] [--pool-size N] [--kind jail]
 
-Writes benchmarks/results/executor.json and prints markdown tables.
+Writes benchmarks/results/executor.json (executor-<kind>.json for another
+kind; the alternatives are then skipped) and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--pool-size", type=int, default=32)
+    ap.add_argument("--kind", default="process", help="the pool's kind (process, jail, oci)")
     args = ap.parse_args()
     size = args.pool_size
     callers = 4
@@ -94,20 +96,23 @@ def main() -> None:
     info = U.machine_info()
     rows: dict[str, dict[str, Any]] = {}
 
+    if args.kind != "process":
+        n_ppe = n_pebble = 0
     print(f"ProcessPoolExecutor(max_tasks_per_child=1): {n_ppe} + {callers}x{n_ppe // callers} ...", flush=True)
-    with cf.ProcessPoolExecutor(max_workers=1, max_tasks_per_child=1) as ppe:
-        rows["ppe_1"] = row("ProcessPoolExecutor(max_tasks_per_child=1), 1 caller",
-                            run_callers(lambda: ppe.submit(job), 1, n_ppe))  # fmt: skip
-    with cf.ProcessPoolExecutor(max_workers=callers, max_tasks_per_child=1) as ppe:
-        rows["ppe_4"] = row(f"ProcessPoolExecutor(max_tasks_per_child=1), {callers} callers",
-                            run_callers(lambda: ppe.submit(job), callers, n_ppe // callers))  # fmt: skip
+    if n_ppe:
+        with cf.ProcessPoolExecutor(max_workers=1, max_tasks_per_child=1) as ppe:
+            rows["ppe_1"] = row("ProcessPoolExecutor(max_tasks_per_child=1), 1 caller",
+                                run_callers(lambda: ppe.submit(job), 1, n_ppe))  # fmt: skip
+        with cf.ProcessPoolExecutor(max_workers=callers, max_tasks_per_child=1) as ppe:
+            rows["ppe_4"] = row(f"ProcessPoolExecutor(max_tasks_per_child=1), {callers} callers",
+                                run_callers(lambda: ppe.submit(job), callers, n_ppe // callers))  # fmt: skip
 
     try:
         import pebble
     except ImportError:
         pebble = None
         print("pebble is not installed (pip install pebble): skipped")
-    if pebble is not None:
+    if pebble is not None and n_pebble:
         print(f"pebble ProcessPool(max_tasks=1): {n_pebble} + {callers}x{n_pebble // callers} ...", flush=True)
         with pebble.ProcessPool(max_workers=1, max_tasks=1) as pp:
             rows["pebble_1"] = row("pebble ProcessPool(max_tasks=1), 1 caller",
@@ -117,10 +122,10 @@ def main() -> None:
                                    run_callers(lambda: pp.schedule(job), callers, n_pebble // callers))  # fmt: skip
 
     name = f"benchx{os.getpid()}"
-    runner = U.PoolProcess(name, size, run_dir=f"/tmp/nbx{os.getpid()}")
+    runner = U.PoolProcess(name, size, run_dir=f"/tmp/nbx{os.getpid()}", extra=["--kind", args.kind])
     stop_info: dict[str, Any] = {}
     try:
-        print(f"starting pool {name} ({size} process instances) ...", flush=True)
+        print(f"starting pool {name} ({size} {args.kind} instances) ...", flush=True)
         runner.start()
         pool = noodle.attach(name)
         try:
@@ -131,7 +136,17 @@ def main() -> None:
                     print(f"noodle.Executor, {c} caller(s), {phase}: {c}x{n // c} tasks ...", flush=True)
                     with noodle.Executor(pool, max_workers=c) as ex:
                         r = run_callers(lambda ex=ex: ex.submit(job), c, n // c)
-                    rows[f"noodle_{c}_{phase}"] = row(f"noodle.Executor, {c} caller(s), {phase}", r)
+                    rows[f"noodle_{c}_{phase}"] = row(f"noodle.Executor ({args.kind}), {c} caller(s), {phase}", r)
+                runner.wait_full(pool, 300)
+                lat = []
+                for _ in range(n if phase == "warm" else 0):
+                    t0 = time.perf_counter()
+                    with pool.get(timeout=300) as lease:
+                        assert lease.instance.call("math:factorial", 20) == EXPECT
+                    lat.append(time.perf_counter() - t0)
+                if lat:
+                    rows["lease_call"] = row(f"plain lease + call ({args.kind}), 1 caller, warm",
+                                             {"lat": lat, "wall": sum(lat)})  # fmt: skip
         finally:
             pool.close()
     finally:
@@ -152,6 +167,7 @@ def main() -> None:
                 ratio_rows.append([f"{c} caller(s), {phase}", alt_label, p50, jobs])
     doc = U.doc_head("executor", info, t_start, args.quick, "submit(factorial, 20).result() per task")
     doc["pool_size"] = size
+    doc["kind"] = args.kind
     doc["stop"] = stop_info
     doc["rows"] = rows
     doc["tables"] = [
@@ -163,7 +179,7 @@ def main() -> None:
             "target: >= 20x ProcessPoolExecutor(max_tasks_per_child=1) per task",
         ),
     ]
-    U.publish("executor.json", doc)
+    U.publish("executor.json" if args.kind == "process" else f"executor-{args.kind}.json", doc)
 
 
 if __name__ == "__main__":

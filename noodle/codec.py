@@ -377,13 +377,14 @@ def instance_library() -> list[tuple[str, str]]:
 
 
 def stage_instance_library(dest_dir: str) -> None:
-    """Copy ``instance_library()`` into ``dest_dir`` (world-readable, no
-    byte-code caches), for kinds that stage files instead of binding them."""
+    """Copy ``instance_library()`` into ``dest_dir`` (world-readable, with
+    its byte-code caches: sandboxes do not write them), for kinds that stage
+    files instead of binding them."""
     for host, name in instance_library():
         target = os.path.join(dest_dir, name)
         if os.path.isdir(host):
             shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(host, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(host, target)
             for root, _dirs, files in os.walk(target):
                 os.chmod(root, 0o755)  # noqa: S103 - read by the sandbox's unprivileged uid
                 for f in files:
