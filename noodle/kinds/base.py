@@ -154,9 +154,14 @@ class AgentKind(Kind):
     Their descriptor names the ``socket`` and the ``pid`` + ``start`` of the
     process that holds the instance (so a reused pid does not count)."""
 
+    # Whether results from the instance may be unpickled: only for a kind that
+    # isolates nothing and so shares the caller's trust. Out of a sandbox come
+    # plain data only (noodle.codec).
+    TRUST_RESULTS: ClassVar[bool] = False
+
     @classmethod
     def client_handle(cls, descriptor: Mapping[str, Any]) -> AgentHandle:
-        return AgentHandle(str(descriptor["socket"]))
+        return AgentHandle(str(descriptor["socket"]), trust_results=cls.TRUST_RESULTS)
 
     @classmethod
     def client_health(cls, descriptor: Mapping[str, Any], timeout: float) -> bool:

@@ -101,6 +101,7 @@ class JailKind(AgentKind):
         self._python_prefix: str | None = None
         self._python_inside = ""
         self._agent_file = AGENT_FILE
+        self._library = _library_binds()
 
     # -- names -----------------------------------------------------------------
 
@@ -166,6 +167,7 @@ class JailKind(AgentKind):
             # controls, so the installation (a checkout in /root, a 0700
             # home) need not be searchable by other users.
             self._agent_file = _copy_readable(AGENT_FILE, os.path.join(self.pool.run_dir, "jail-agent.py"))
+            self._library = _staged_library_binds(os.path.join(self.pool.run_dir, "jail-lib"))
             paths = [self.pool.run_dir, self._agent_file, *o["ro_binds"]]
             if self._python_prefix is not None:
                 paths.append(self._python_prefix)
@@ -261,6 +263,7 @@ class JailKind(AgentKind):
         """Make every bind target exist in the slot's root (in its upper
         layer): bwrap run as the slot uid (userns) may not create them."""
         dirs = ["run/noodle", "opt/python", "proc", "dev", "tmp", "home/sandbox"]
+        dirs += [inside for _host, inside in _library_binds()]
         files = [INSIDE_AGENT]
         for path in self.options["ro_binds"]:
             (dirs if os.path.isdir(path) else files).append(path)
@@ -393,6 +396,8 @@ class JailKind(AgentKind):
         if self._python_prefix is not None:
             argv += ["--ro-bind", self._python_prefix, INSIDE_PYTHON]
         argv += ["--ro-bind", self._agent_file, INSIDE_AGENT]
+        for host, inside in self._library:
+            argv += ["--ro-bind", host, inside]
         for path in o["ro_binds"]:
             argv += ["--ro-bind", path, path]
         argv += ["--bind", sock, "/run/noodle"]
@@ -428,6 +433,8 @@ class JailKind(AgentKind):
         if self._python_prefix is not None:
             binds += [self._python_prefix, INSIDE_PYTHON]
         binds += [self._agent_file, INSIDE_AGENT]
+        for host, inside in self._library:
+            binds += [host, inside]
         for path in o["ro_binds"]:
             binds += [path, path]
         flags = ["--pid", "--fork", "--mount", "--ipc", "--uts", "--cgroup", "--propagation", "private"]
@@ -467,6 +474,26 @@ if command -v ip >/dev/null 2>&1; then ip link set lo up; fi
 cd "$R"
 exec chroot "$R" /bin/sh -c 'cd /home/sandbox && exec "$@"' sh "$@"
 """
+
+
+def _library_binds() -> list[tuple[str, str]]:
+    """(host, inside) read-only binds next to the agent: what tasks need to
+    unpickle (cloudpickle), from the host's installation."""
+    from noodle.codec import instance_library
+
+    return [(host, os.path.join(os.path.dirname(INSIDE_AGENT), name)) for host, name in instance_library()]
+
+
+def _staged_library_binds(dest: str) -> list[tuple[str, str]]:
+    """``_library_binds`` from copies in ``dest``, a directory this kind
+    controls: in userns mode bwrap runs as the slot's uid, which need not be
+    able to search the host's installation (a venv under /root)."""
+    from noodle.codec import stage_instance_library
+
+    os.makedirs(dest, mode=0o755, exist_ok=True)
+    os.chmod(dest, 0o755)  # noqa: S103 - searched by the slot's unprivileged uid
+    stage_instance_library(dest)
+    return [(os.path.join(dest, os.path.basename(inside)), inside) for _host, inside in _library_binds()]
 
 
 def _python_paths(python: str | None) -> tuple[str | None, str]:

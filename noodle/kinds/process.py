@@ -33,6 +33,7 @@ from noodle.kinds.base import AgentKind, PoolInfo, SlotContext
 
 class ProcessKind(AgentKind):
     name = "process"
+    TRUST_RESULTS = True  # isolates nothing: results are pickled, like the caller's own
     OPTIONS = {
         "preload": (list, []),
         "uid": (int, None),
