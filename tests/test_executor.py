@@ -23,9 +23,9 @@ from typing import Any
 
 import cloudpickle
 import pytest
-from noodle.procs import is_alive
 
 import noodle
+from noodle.host.proc import is_alive
 from tests.conftest import REPO, Supervisor, assert_nothing_left, wait_for, wait_full
 
 pytestmark = pytest.mark.timeout(240)
