@@ -97,4 +97,7 @@ def test_group_sigterm_stops_quietly(pool_name: str, run_root: str, tmp_path: Pa
             sup.wait()
     text = log.read_text(errors="replace")
     assert code == 0, text
-    assert "exited with 0" not in text and "WARNING" not in text and "ERROR" not in text, text
+    # the one warning a root test run may see is the start-up advice that the
+    # process kind isolates nothing; nothing about the workers' exits
+    noisy = [ln for ln in text.splitlines() if ("WARNING" in ln or "ERROR" in ln) and "isolates nothing" not in ln]
+    assert "exited with 0" not in text and not noisy, text
