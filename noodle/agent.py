@@ -20,18 +20,19 @@ The instance is single-use, so state kept between calls of one lease (the
 
 from __future__ import annotations
 
-import ast
-import contextlib
-import importlib
-import io
 import json
 import os
 import socket
 import struct
-import subprocess
 import sys
-import traceback
-from typing import Any, BinaryIO
+
+# Start-up is the sandbox kinds' spawn-to-ready time, so only what every
+# request needs is imported here: ast, subprocess, traceback, io and
+# contextlib load on the first request that uses them (the process kind's
+# zygote warms them before forking), and typing never loads at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO
 
 MAX_FRAME = 64 * 1024 * 1024
 _LEN = struct.Struct(">I")
@@ -87,6 +88,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def _error(exc: BaseException) -> dict[str, Any]:
+    import traceback
+
     return {
         "type": type(exc).__name__,
         "message": str(exc),
@@ -117,6 +120,9 @@ class Agent:
         return _failure("ProtocolError", f"unknown op {op!r}")
 
     def _captured(self, fn: Any) -> dict[str, Any]:
+        import contextlib
+        import io
+
         out, err = io.StringIO(), io.StringIO()
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -126,6 +132,8 @@ class Agent:
         return {"ok": True, "stdout": out.getvalue(), "stderr": err.getvalue(), "result": _jsonable(result)}
 
     def _run(self, source: str) -> Any:
+        import ast
+
         tree = ast.parse(source, "<noodle>", "exec")
         last = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
@@ -141,7 +149,8 @@ class Agent:
         mod_name, _, attr = target.partition(":")
         if not mod_name or not attr:
             raise ValueError(f"call target must look like 'pkg.mod:func', got {target!r}")
-        obj: Any = importlib.import_module(mod_name)
+        __import__(mod_name)
+        obj: Any = sys.modules[mod_name]
         for part in attr.split("."):
             obj = getattr(obj, part)
         args = req.get("args") or []
@@ -153,6 +162,8 @@ class Agent:
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             return _failure("ValueError", "argv must be a non-empty list of strings")
         timeout = req.get("timeout")
+        import subprocess
+
         try:
             proc = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -172,8 +183,10 @@ def serve_stream(rfile: BinaryIO, wfile: BinaryIO, agent: Agent | None = None) -
         try:
             req = read_frame(rfile)
         except ProtocolError as exc:
-            with contextlib.suppress(OSError):
+            try:
                 write_frame(wfile, _failure("ProtocolError", str(exc)))
+            except OSError:
+                pass
             return
         if req is None:
             return
@@ -187,39 +200,70 @@ def serve_socket(listener: socket.socket) -> None:
     while True:
         conn, _ = listener.accept()
         with conn, conn.makefile("rb") as rfile, conn.makefile("wb") as wfile:
-            with contextlib.suppress(OSError):
+            try:
                 serve_stream(rfile, wfile, agent)
+            except OSError:
+                pass
 
 
 def listen_unix(path: str) -> socket.socket:
-    with contextlib.suppress(FileNotFoundError):
+    try:
         os.unlink(path)
+    except FileNotFoundError:
+        pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     # gVisor refuses chmod on a socket; the host side sets the mode then
-    with contextlib.suppress(OSError):
+    try:
         os.chmod(path, 0o660)
+    except OSError:
+        pass
     sock.listen(8)
     return sock
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def _quick_args(argv: list[str]) -> dict[str, str] | None:
+    """The launchers' own argv (``--socket P [--ready-fd N]`` or
+    ``--stdio``) without argparse, which would add milliseconds to every
+    sandbox start; None for anything else, which argparse then explains."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        key = argv[i]
+        if key == "--stdio" and key not in out:
+            out[key] = ""
+            i += 1
+        elif key in ("--socket", "--ready-fd") and key not in out and i + 1 < len(argv):
+            out[key] = argv[i + 1]
+            i += 2
+        else:
+            return None
+    if "--ready-fd" in out and not out["--ready-fd"].isdigit():
+        return None
+    return out if ("--stdio" in out) != ("--socket" in out) else None
 
-    parser = argparse.ArgumentParser(description="pool-noodle in-instance agent")
-    parser.add_argument("--socket", help="Unix socket path to listen on")
-    parser.add_argument("--stdio", action="store_true", help="serve one stream on stdin/stdout")
-    parser.add_argument("--ready-fd", type=int, help="write one byte to this fd once listening")
-    args = parser.parse_args(argv)
-    if args.stdio:
+
+def main(argv: list[str] | None = None) -> int:
+    args = _quick_args(sys.argv[1:] if argv is None else argv)
+    if args is None:
+        import argparse
+
+        parser = argparse.ArgumentParser(description="pool-noodle in-instance agent")
+        parser.add_argument("--socket", help="Unix socket path to listen on")
+        parser.add_argument("--stdio", action="store_true", help="serve one stream on stdin/stdout")
+        parser.add_argument("--ready-fd", type=int, help="write one byte to this fd once listening")
+        parsed = parser.parse_args(argv)
+        if not parsed.socket and not parsed.stdio:
+            parser.error("--socket or --stdio is required")
+        parser.error("give either --socket (with an optional --ready-fd) or --stdio")
+    if "--stdio" in args:
         serve_stream(sys.stdin.buffer, sys.stdout.buffer)
         return 0
-    if not args.socket:
-        parser.error("--socket or --stdio is required")
-    listener = listen_unix(args.socket)
-    if args.ready_fd is not None:
-        os.write(args.ready_fd, b"R")
-        os.close(args.ready_fd)
+    listener = listen_unix(args["--socket"])
+    if "--ready-fd" in args:
+        ready_fd = int(args["--ready-fd"])
+        os.write(ready_fd, b"R")
+        os.close(ready_fd)
     serve_socket(listener)
     return 0
 

@@ -185,8 +185,10 @@ class Pool:
             if check and self._kind is not None:
                 budget = 2.0 if deadline is None else max(0.05, min(2.0, deadline - time.monotonic()))
                 t0 = time.monotonic_ns()
-                healthy = self._kind.client_health(lease.descriptor, budget)
+                healthy, handle = self._kind.client_health_handle(lease.descriptor, budget)
                 seg.observe("health", time.monotonic_ns() - t0)
+                if handle is not None:
+                    lease._instance = handle  # the checked connection serves the lease's calls
                 if not healthy:
                     seg.count("unhealthy_on_get")
                     log.warning("slot %d gen %d failed its health check on get; replacing it", slot, gen)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from noodle.agent import ProtocolError, read_frame, write_frame
 from noodle.errors import InstanceError, InstanceGone, InstanceTimeout
@@ -39,6 +39,7 @@ class AgentHandle:
         self.socket_path = socket_path
         self.timeout = timeout
         self._sock: socket.socket | None = None
+        self._io: _SocketIO | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -66,12 +67,13 @@ class AgentHandle:
         after a timeout or error so a late reply is never read as the next."""
         limit = self.timeout if timeout is None else timeout
         sock = self._connect(limit)
-        sock.settimeout(limit)
+        conn = self._io
+        if conn is None or conn.sock is not sock:
+            conn = self._io = _SocketIO(sock)
         try:
-            with sock.makefile("wb") as wfile:
-                write_frame(wfile, req)
-            with sock.makefile("rb") as rfile:
-                reply = read_frame(rfile)
+            conn.settimeout(limit)
+            write_frame(cast(BinaryIO, conn), req)
+            reply = read_frame(cast(BinaryIO, conn))
         except TimeoutError:
             self._drop()
             raise InstanceTimeout(f"instance did not answer {req.get('op')!r} within {limit} s") from None
@@ -92,6 +94,17 @@ class AgentHandle:
                 remote_traceback=str(err.get("traceback", "")),
             )
         return reply
+
+    @classmethod
+    def checked(cls, socket_path: str, timeout: float) -> AgentHandle | None:
+        """A handle whose connection just answered a ping, kept open for the
+        lease's calls (the health check on get and the first call then
+        share one connect); None, closed, if the agent did not answer."""
+        handle = cls(socket_path)
+        if handle.ping(timeout):
+            return handle
+        handle.close()
+        return None
 
     @classmethod
     def probe(cls, socket_path: str, timeout: float) -> bool:
@@ -132,7 +145,32 @@ class AgentHandle:
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None
+        self._io = None
 
     def close(self) -> None:
         self._drop()
         self._closed = True
+
+
+class _SocketIO:
+    """The file interface ``read_frame``/``write_frame`` need, straight on
+    the socket: one sendall per frame and plain recv, without the two
+    buffered file objects per request that ``makefile`` would build."""
+
+    __slots__ = ("recv", "sendall", "settimeout", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.recv = sock.recv
+        self.sendall = sock.sendall
+        self.settimeout = sock.settimeout
+
+    def read(self, n: int) -> bytes:
+        return self.recv(n)
+
+    def write(self, data: bytes) -> int:
+        self.sendall(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass

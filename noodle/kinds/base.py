@@ -139,6 +139,13 @@ class Kind:
         return True
 
     @classmethod
+    def client_health_handle(cls, descriptor: Mapping[str, Any], timeout: float) -> tuple[bool, Any]:
+        """``client_health`` for kinds whose check opens the connection the
+        lease then keeps for its calls: (healthy, that handle or None). The
+        default keeps nothing and the lease builds its handle when asked."""
+        return cls.client_health(descriptor, timeout), None
+
+    @classmethod
     def instance_pids(cls, descriptor: Mapping[str, Any]) -> list[int]:
         """Host pids of the instance, for leak checks and crash recovery."""
         pid = descriptor.get("pid")

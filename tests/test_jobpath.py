@@ -1,0 +1,129 @@
+"""The job path of the process kind and the agent's start-up, with real
+supervisors, zygotes, instances and interpreters: the health check on get
+hands its connection to the lease, instances come from a frozen, warmed
+template, and the agent starts with only what every request needs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from noodle import agent
+from noodle.handle import AgentHandle
+from tests.conftest import wait_full
+
+pytestmark = pytest.mark.timeout(120)
+
+AGENT_DIR = os.path.dirname(os.path.abspath(agent.__file__))
+
+
+def test_health_on_get_hands_its_connection_to_the_lease(supervisor) -> None:
+    sup = supervisor("--pool-size", "2", "--health-on-get")
+    pool = sup.attach()
+    wait_full(pool)
+    for _ in range(3):
+        with pool.get(timeout=10) as lease:
+            handle = lease.instance
+            assert isinstance(handle, AgentHandle)
+            kept = handle._sock
+            assert kept is not None, "the health check's connection was not kept for the lease"
+            assert handle.call("os:getpid") == lease.descriptor["pid"]
+            assert handle.run("6 * 7").result == 42
+            assert handle._sock is kept, "the lease reconnected instead of using the checked connection"
+        assert handle._sock is None  # released: closed with the lease
+    assert pool.stats()["counters"]["unhealthy_on_get"] == 0
+    pool.close()
+
+
+def test_without_health_the_lease_connects_on_first_use(supervisor) -> None:
+    sup = supervisor("--pool-size", "1", "--no-health-on-get")
+    pool = sup.attach()
+    wait_full(pool)
+    with pool.get(timeout=10) as lease:
+        handle = lease.instance
+        assert handle._sock is None
+        assert handle.call("math:factorial", 20) == 2432902008176640000
+        assert handle._sock is not None
+    pool.close()
+
+
+def test_checked_handle_of_a_dead_socket_is_none(tmp_path) -> None:
+    assert AgentHandle.checked(str(tmp_path / "nobody.sock"), 0.5) is None
+
+
+def test_instances_come_from_a_frozen_warmed_template(supervisor) -> None:
+    sup = supervisor("--pool-size", "1")
+    pool = sup.attach()
+    wait_full(pool)
+    with pool.get(timeout=10) as lease:
+        inst = lease.instance
+        # the zygote froze its heap before forking: the instance inherits it
+        assert inst.run("import gc; gc.get_freeze_count()").result > 0
+        # the warm-up ran in the template: what the call path imports is there
+        assert inst.run("import sys; 'math' in sys.modules and 'contextlib' in sys.modules").result is True
+        assert inst.call("math:factorial", 5) == 120
+    pool.close()
+
+
+def test_agent_starts_without_what_only_some_requests_need(tmp_path) -> None:
+    """Spawn-to-ready of the sandbox kinds is the agent's start-up: importing
+    it must not pull in ast, subprocess, traceback, typing or argparse."""
+    probe = (
+        f"import sys; sys.path.insert(0, {AGENT_DIR!r}); import agent; "
+        "print(sorted(m for m in ('ast', 'subprocess', 'traceback', 'typing', 'argparse', 'importlib.util')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_agent_started_as_the_launchers_do_serves_every_op(tmp_path) -> None:
+    sock = str(tmp_path / "a.sock")
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", os.path.join(AGENT_DIR, "agent.py"), "--socket", sock, "--ready-fd", str(w)],
+        pass_fds=(w,),
+    )
+    os.close(w)
+    try:
+        assert os.read(r, 1) == b"R"
+        handle = AgentHandle(sock, timeout=30)
+        assert handle.ping()
+        assert handle.run("x = 2\nx * 21").result == 42
+        assert handle.call("os.path:join", "a", "b") == "a/b"
+        res = handle.exec(["sh", "-c", "echo hi"], timeout=20)
+        assert (res.returncode, res.stdout) == (0, "hi\n")
+        with pytest.raises(Exception, match="ZeroDivisionError"):
+            handle.run("1 / 0")
+        handle.close()
+    finally:
+        os.close(r)
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expect"),
+    [
+        (["--socket", "/s"], {"--socket": "/s"}),
+        (["--socket", "/s", "--ready-fd", "3"], {"--socket": "/s", "--ready-fd": "3"}),
+        (["--stdio"], {"--stdio": ""}),
+        (["--socket"], None),
+        (["--socket", "/s", "--stdio"], None),
+        (["--ready-fd", "x", "--socket", "/s"], None),
+        (["--ready-fd", "3"], None),
+        (["--help"], None),
+        ([], None),
+    ],
+)
+def test_agent_quick_argv(argv: list[str], expect: dict[str, str] | None) -> None:
+    assert agent._quick_args(argv) == expect
+
+
+def test_agent_bad_argv_is_a_usage_error() -> None:
+    out = subprocess.run([sys.executable, "-I", "-S", os.path.join(AGENT_DIR, "agent.py"), "--ready-fd", "3"],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    assert out.returncode == 2 and "--socket" in out.stderr
