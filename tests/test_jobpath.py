@@ -13,7 +13,7 @@ import pytest
 
 from noodle import agent
 from noodle.handle import AgentHandle
-from tests.conftest import wait_full
+from tests.conftest import pool_processes, wait_full
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -127,3 +127,35 @@ def test_agent_bad_argv_is_a_usage_error() -> None:
     out = subprocess.run([sys.executable, "-I", "-S", os.path.join(AGENT_DIR, "agent.py"), "--ready-fd", "3"],
                          capture_output=True, text=True, check=False)  # fmt: skip
     assert out.returncode == 2 and "--socket" in out.stderr
+
+
+def _queue_fds(pid: int) -> dict[str, list[int]]:
+    """mqueue name -> flags of each descriptor ``pid`` holds on it."""
+    out: dict[str, list[int]] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                info = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if target.startswith("/noodle."):
+            out.setdefault(target.split(" ")[0], []).append(int(info["flags"].strip(), 8))
+    return out
+
+
+def test_idle_workers_wait_in_the_kernel_instead_of_spinning(supervisor, pool_name: str) -> None:
+    """Each stage worker receives on a blocking descriptor of its own queue:
+    on a non-blocking one mq_timedreceive returns EAGAIN at once and the
+    worker's loop spins a CPU while it has nothing to do."""
+    sup = supervisor("--pool-size", "2")
+    pool = sup.attach()
+    wait_full(pool)
+    workers = [(pid, title) for pid, title in pool_processes(pool_name) if "-worker" in title]
+    assert len(workers) >= 4
+    for pid, title in workers:
+        stage = title.split()[1].removesuffix("-worker")
+        fds = _queue_fds(pid)
+        own = fds.get(f"/noodle.{pool_name}.{stage}", [])
+        assert any(not flags & os.O_NONBLOCK for flags in own), f"{title}: {fds}"
+    pool.close()

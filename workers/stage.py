@@ -82,6 +82,10 @@ class Worker:
         self.pid = os.getpid()
         self.stopping = False
         self.queue = queues.open_queue(ctx.cfg.name, ctx.stage)
+        # open_queue's descriptors are non-blocking (senders must never
+        # wait); on one, receive(timeout) returns EAGAIN at once and this
+        # loop would spin a CPU while idle, starving the steps and the jobs
+        self.queue.block = True
         self.senders = {s: queues.open_queue(ctx.cfg.name, s) for s in queues.STAGES}
         self._base = ctx.index * FIELDS_PER_WORKER
 
