@@ -96,12 +96,17 @@ class AgentHandle:
         return reply
 
     @classmethod
-    def checked(cls, socket_path: str, timeout: float) -> AgentHandle | None:
-        """A handle whose connection just answered a ping, kept open for the
-        lease's calls (the health check on get and the first call then
-        share one connect); None, closed, if the agent did not answer."""
+    def checked(cls, socket_path: str, timeout: float, pid: int | None = None) -> AgentHandle | None:
+        """A handle whose connection just answered a ping (from ``pid``, if
+        given, as the agent reports it), kept open for the lease's calls:
+        the health check on get and the first call share one connect.
+        None, closed, if the agent did not answer so."""
         handle = cls(socket_path)
-        if handle.ping(timeout):
+        try:
+            reply = handle.request({"op": "ping"}, timeout)
+        except (InstanceGone, InstanceTimeout):
+            reply = {}
+        if reply.get("ok") and (pid is None or reply.get("pid") == pid):
             return handle
         handle.close()
         return None

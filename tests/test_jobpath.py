@@ -159,3 +159,40 @@ def test_idle_workers_wait_in_the_kernel_instead_of_spinning(supervisor, pool_na
         own = fds.get(f"/noodle.{pool_name}.{stage}", [])
         assert any(not flags & os.O_NONBLOCK for flags in own), f"{title}: {fds}"
     pool.close()
+
+
+def test_instances_fork_from_a_template_without_the_noodle_package(supervisor) -> None:
+    """The zygote loads only the agent: the client, asyncio and the C core
+    stay out of the memory every fork copies, and noodle/kinds is not on
+    the instances' sys.path (its modules would shadow theirs)."""
+    sup = supervisor("--pool-size", "1")
+    pool = sup.attach()
+    wait_full(pool)
+    with pool.get(timeout=10) as lease:
+        mods = lease.instance.run("import sys; sorted(m for m in sys.modules if m.split('.')[0] in "
+                                  "('noodle', 'asyncio', 'msgpack'))").result  # fmt: skip
+        assert mods == []
+        path = lease.instance.run("import sys; sys.path").result
+        assert not any(p.rstrip("/").endswith("noodle/kinds") for p in path), path
+        assert lease.instance.call("os:getpid") == lease.descriptor["pid"]
+    pool.close()
+
+
+def test_checked_handle_refuses_an_agent_reporting_another_pid(tmp_path) -> None:
+    sock = str(tmp_path / "a.sock")
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", os.path.join(AGENT_DIR, "agent.py"), "--socket", sock, "--ready-fd", str(w)],
+        pass_fds=(w,),
+    )
+    os.close(w)
+    try:
+        assert os.read(r, 1) == b"R"
+        assert AgentHandle.checked(sock, 10, pid=proc.pid + 100000) is None
+        good = AgentHandle.checked(sock, 10, pid=proc.pid)
+        assert good is not None and good.call("os:getpid") == proc.pid
+        good.close()
+    finally:
+        os.close(r)
+        proc.kill()
+        proc.wait()

@@ -335,6 +335,15 @@ class JailKind(Kind):
         return AgentHandle.probe(str(descriptor["socket"]), timeout)
 
     @classmethod
+    def client_health_handle(cls, descriptor: Mapping[str, Any], timeout: float) -> tuple[bool, Any]:
+        """``client_health``, keeping the pinged connection for the lease."""
+        pid, start = descriptor.get("pid"), descriptor.get("start")
+        if not (isinstance(pid, int) and isinstance(start, int) and same_process(pid, start)):
+            return False, None
+        handle = AgentHandle.checked(str(descriptor["socket"]), timeout)
+        return handle is not None, handle
+
+    @classmethod
     def instance_pids(cls, descriptor: Mapping[str, Any]) -> list[int]:
         paths = descriptor.get("cgroup")
         if isinstance(paths, list) and paths:

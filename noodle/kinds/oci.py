@@ -662,6 +662,15 @@ class OciKind(Kind):
             return False
         return AgentHandle.probe(str(descriptor.get("socket", "")), timeout)
 
+    @classmethod
+    def client_health_handle(cls, descriptor: Mapping[str, Any], timeout: float) -> tuple[bool, Any]:
+        """``client_health``, keeping the pinged connection for the lease."""
+        pid, start = descriptor.get("pid"), descriptor.get("start")
+        if not isinstance(pid, int) or not pid_matches(pid, start if isinstance(start, int) else None):
+            return False, None
+        handle = AgentHandle.checked(str(descriptor.get("socket", "")), timeout)
+        return handle is not None, handle
+
 
 def leftovers(pool: str, slot: int, runtime: str, state_root: str | None = None) -> list[str]:
     """Everything of a slot's container still on the host: state entries,

@@ -66,8 +66,10 @@ class ProcessKind(Kind):
         self._start_zygote()
 
     def _start_zygote(self) -> None:
+        # by path, not `-m noodle.kinds.zygote`: -m would import the whole
+        # noodle package into the template every instance is forked from
         cmd = [
-            sys.executable, "-m", "noodle.kinds.zygote",
+            sys.executable, "-c", _ZYGOTE_BOOT, os.path.join(os.path.dirname(os.path.abspath(__file__)), "zygote.py"),
             "--socket", self.zygote_socket,
             "--preload", ",".join(self.options["preload"]),
             "--title", f"noodle zygote {self.pool.name}",
@@ -161,11 +163,20 @@ class ProcessKind(Kind):
 
     @classmethod
     def client_health_handle(cls, descriptor: Mapping[str, Any], timeout: float) -> tuple[bool, Any]:
-        pid, start = descriptor.get("pid"), descriptor.get("start")
-        if not (isinstance(pid, int) and isinstance(start, int) and is_alive(pid, start)):
+        # The agent answering on the slot's socket with the recorded pid is
+        # the instance itself (a reused pid cannot answer there), so the two
+        # /proc reads of is_alive are not needed on this path.
+        pid = descriptor.get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
             return False, None
-        handle = AgentHandle.checked(str(descriptor.get("socket", "")), timeout)
+        handle = AgentHandle.checked(str(descriptor.get("socket", "")), timeout, pid)
         return handle is not None, handle
+
+
+# Runs zygote.py as __main__ with sys.path as `-m` would leave it (the
+# working directory first, not noodle/kinds, whose modules would shadow
+# the instances' own).
+_ZYGOTE_BOOT = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 
 
 def _kill_recorded(slot: SlotContext) -> None:

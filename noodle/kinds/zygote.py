@@ -20,17 +20,38 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
+import importlib.util
 import io
 import os
 import resource
 import signal
 import socket
 import sys
-from collections.abc import Callable
-from typing import Any
+from types import ModuleType
 
-from noodle import agent
-from noodle.procs import start_time
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    from noodle import agent, procs
+else:
+
+    def _sibling(name: str) -> ModuleType:
+        """A module of the ``noodle`` package loaded by its path. Importing
+        it through the package would run ``noodle/__init__`` (the client,
+        asyncio, msgpack, the C core): every fork copies the page tables of
+        all the template holds, and each instance would carry it too."""
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"_noodle_zygote_{name}", path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    agent, procs = _sibling("agent"), _sibling("procs")
+
+start_time = procs.start_time
 
 _setproctitle: Callable[[str], None] | None
 try:
