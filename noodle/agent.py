@@ -20,9 +20,8 @@ The instance is single-use, so state kept between calls of one lease (the
 
 from __future__ import annotations
 
-import json
+import _socket
 import os
-import socket
 import struct
 import sys
 
@@ -30,9 +29,19 @@ import sys
 # request needs is imported here: ast, subprocess, traceback, io and
 # contextlib load on the first request that uses them (the process kind's
 # zygote warms them before forking), and typing never loads at run time.
+# The json and socket packages are not imported either: through re and
+# enum they cost about as much as the interpreter's own start, while their
+# C cores (_json, _socket) do the work (see _codec and SocketStream).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, BinaryIO
+    from typing import Any, Protocol
+
+    class Stream(Protocol):
+        """What frames are read from and written to: a binary file or a SocketStream."""
+
+        def read(self, n: int, /) -> bytes: ...
+        def write(self, data: bytes, /) -> int: ...
+        def flush(self) -> None: ...
 
 MAX_FRAME = 64 * 1024 * 1024
 _LEN = struct.Struct(">I")
@@ -42,7 +51,7 @@ class ProtocolError(Exception):
     """A frame was truncated, oversized or not a JSON object."""
 
 
-def read_frame(rfile: BinaryIO) -> dict[str, Any] | None:
+def read_frame(rfile: Stream) -> dict[str, Any] | None:
     """Read one frame; None on a clean end of stream."""
     head = _read_exact(rfile, _LEN.size, allow_eof=True)
     if head is None:
@@ -53,7 +62,7 @@ def read_frame(rfile: BinaryIO) -> dict[str, Any] | None:
     body = _read_exact(rfile, size, allow_eof=False)
     assert body is not None
     try:
-        msg = json.loads(body)
+        msg = _loads(body.decode())
     except ValueError as exc:
         raise ProtocolError(f"frame is not JSON: {exc}") from None
     if not isinstance(msg, dict):
@@ -61,13 +70,13 @@ def read_frame(rfile: BinaryIO) -> dict[str, Any] | None:
     return msg
 
 
-def write_frame(wfile: BinaryIO, msg: dict[str, Any]) -> None:
-    body = json.dumps(msg, default=repr).encode()
+def write_frame(wfile: Stream, msg: dict[str, Any]) -> None:
+    body = _dumps(msg, repr).encode()
     wfile.write(_LEN.pack(len(body)) + body)
     wfile.flush()
 
 
-def _read_exact(rfile: BinaryIO, n: int, allow_eof: bool) -> bytes | None:
+def _read_exact(rfile: Stream, n: int, allow_eof: bool) -> bytes | None:
     buf = bytearray()
     while len(buf) < n:
         chunk = rfile.read(n - len(buf))
@@ -79,10 +88,61 @@ def _read_exact(rfile: BinaryIO, n: int, allow_eof: bool) -> bytes | None:
     return bytes(buf)
 
 
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _dumps(value: Any, default: Any = _not_json) -> str:
+    """``json.dumps(value, default=default)`` (compact separators aside)."""
+    try:
+        import _json
+    except ImportError:  # not CPython: the json package, slower to import
+        import json
+
+        return json.dumps(value, default=default)
+    # a fresh encoder per call, as json does: its circular-reference marks
+    # are left behind when an encode fails half-way
+    enc = _json.make_encoder({}, default, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+    return "".join(enc(value, 0))
+
+
+class _DecoderOptions:
+    """What _json's scanner reads from a json.JSONDecoder: the defaults."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}.__getitem__
+    memo: dict[str, Any] = {}
+
+
+_WS = " \t\n\r"
+
+
+def _loads(text: str) -> Any:
+    """``json.loads(text)``; ValueError for anything that is not one JSON value."""
+    try:
+        import _json
+    except ImportError:
+        import json
+
+        return json.loads(text)
+    start = len(text) - len(text.lstrip(_WS))
+    try:
+        value, end = _json.make_scanner(_DecoderOptions)(text, start)  # type: ignore[arg-type]
+    except StopIteration as exc:
+        raise ValueError(f"expecting a value at {exc.value}") from None
+    if text[end:].strip(_WS):
+        raise ValueError(f"extra data at {end}")
+    return value
+
+
 def _jsonable(value: Any) -> Any:
     try:
-        json.dumps(value)
-    except (TypeError, ValueError):
+        _dumps(value)
+    except (TypeError, ValueError, RecursionError):
         return repr(value)
     return value
 
@@ -176,7 +236,7 @@ class Agent:
         }
 
 
-def serve_stream(rfile: BinaryIO, wfile: BinaryIO, agent: Agent | None = None) -> None:
+def serve_stream(rfile: Stream, wfile: Stream, agent: Agent | None = None) -> None:
     """Serve requests until the peer closes the stream."""
     agent = agent or Agent()
     while True:
@@ -193,25 +253,56 @@ def serve_stream(rfile: BinaryIO, wfile: BinaryIO, agent: Agent | None = None) -
         write_frame(wfile, agent.handle(req))
 
 
-def serve_socket(listener: socket.socket) -> None:
+class SocketStream:
+    """The file interface of read_frame/write_frame straight on a socket:
+    one sendall per frame, reads through a small buffer (a frame's length
+    and body usually arrive in one recv), no makefile objects."""
+
+    __slots__ = ("_buf", "sock")
+
+    def __init__(self, sock: _socket.socket) -> None:
+        self.sock = sock
+        self._buf = b""
+
+    def read(self, n: int) -> bytes:
+        buf = self._buf
+        if not buf:
+            buf = self.sock.recv(max(n, 65536))
+            if len(buf) <= n:
+                return buf
+        self._buf = buf[n:]
+        return buf[:n]
+
+    def write(self, data: bytes) -> int:
+        self.sock.sendall(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def serve_socket(listener: _socket.socket) -> None:
     """Serve one connection at a time until killed: the instance is single-use,
     but a lease holder may reconnect (a health check, then the work)."""
     agent = Agent()
     while True:
-        conn, _ = listener.accept()
-        with conn, conn.makefile("rb") as rfile, conn.makefile("wb") as wfile:
-            try:
-                serve_stream(rfile, wfile, agent)
-            except OSError:
-                pass
+        fd, _ = listener._accept()  # type: ignore[attr-defined]  # socket.socket.accept's core
+        conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fd)
+        stream = SocketStream(conn)
+        try:
+            serve_stream(stream, stream, agent)
+        except OSError:
+            pass
+        finally:
+            conn.close()
 
 
-def listen_unix(path: str) -> socket.socket:
+def listen_unix(path: str) -> _socket.socket:
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.bind(path)
     # gVisor refuses chmod on a socket; the host side sets the mode then
     try:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import socket
 from dataclasses import dataclass
-from typing import Any, BinaryIO, cast
+from typing import Any
 
-from noodle.agent import ProtocolError, read_frame, write_frame
+from noodle.agent import ProtocolError, SocketStream, read_frame, write_frame
 from noodle.errors import InstanceError, InstanceGone, InstanceTimeout
 
 
@@ -39,7 +39,7 @@ class AgentHandle:
         self.socket_path = socket_path
         self.timeout = timeout
         self._sock: socket.socket | None = None
-        self._io: _SocketIO | None = None
+        self._io: SocketStream | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -69,11 +69,11 @@ class AgentHandle:
         sock = self._connect(limit)
         conn = self._io
         if conn is None or conn.sock is not sock:
-            conn = self._io = _SocketIO(sock)
+            conn = self._io = SocketStream(sock)
         try:
-            conn.settimeout(limit)
-            write_frame(cast(BinaryIO, conn), req)
-            reply = read_frame(cast(BinaryIO, conn))
+            sock.settimeout(limit)
+            write_frame(conn, req)
+            reply = read_frame(conn)
         except TimeoutError:
             self._drop()
             raise InstanceTimeout(f"instance did not answer {req.get('op')!r} within {limit} s") from None
@@ -156,26 +156,3 @@ class AgentHandle:
         self._drop()
         self._closed = True
 
-
-class _SocketIO:
-    """The file interface ``read_frame``/``write_frame`` need, straight on
-    the socket: one sendall per frame and plain recv, without the two
-    buffered file objects per request that ``makefile`` would build."""
-
-    __slots__ = ("recv", "sendall", "settimeout", "sock")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.recv = sock.recv
-        self.sendall = sock.sendall
-        self.settimeout = sock.settimeout
-
-    def read(self, n: int) -> bytes:
-        return self.recv(n)
-
-    def write(self, data: bytes) -> int:
-        self.sendall(data)
-        return len(data)
-
-    def flush(self) -> None:
-        pass

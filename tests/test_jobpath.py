@@ -70,10 +70,12 @@ def test_instances_come_from_a_frozen_warmed_template(supervisor) -> None:
 
 def test_agent_starts_without_what_only_some_requests_need(tmp_path) -> None:
     """Spawn-to-ready of the sandbox kinds is the agent's start-up: importing
-    it must not pull in ast, subprocess, traceback, typing or argparse."""
+    it must not pull in ast, subprocess, traceback, typing, argparse, nor the
+    json and socket packages (re and enum come with them)."""
     probe = (
         f"import sys; sys.path.insert(0, {AGENT_DIR!r}); import agent; "
-        "print(sorted(m for m in ('ast', 'subprocess', 'traceback', 'typing', 'argparse', 'importlib.util')"
+        "print(sorted(m for m in ('ast', 'subprocess', 'traceback', 'typing', 'argparse', 'importlib.util', 'json',"
+        " 'socket', 're', 'enum')"
         " if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True, check=True)
@@ -196,3 +198,66 @@ def test_checked_handle_refuses_an_agent_reporting_another_pid(tmp_path) -> None
         os.close(r)
         proc.kill()
         proc.wait()
+
+
+VALUES = [
+    {"op": "ping"},
+    {"ok": True, "result": 2432902008176640000, "stdout": "héllo \u2603\n\"q\"\\", "stderr": ""},
+    {"a": [1, 2.5, -0.0, 1e300, None, False, {"b": []}], "": {}},
+    {"nan": float("nan"), "inf": float("inf"), "ninf": float("-inf")},
+    {"big": 10**40, "neg": -(10**20), "s": "\x00\x1f\ud800"},
+]
+
+
+@pytest.mark.parametrize("value", VALUES)
+def test_agent_codec_matches_json(value: dict) -> None:
+    """The agent frames JSON with _json's C core (the json package's imports
+    would double its start-up); text and values must be json's."""
+    import json
+
+    text = agent._dumps(value)
+    assert text == json.dumps(value)
+    assert repr(agent._loads(text)) == repr(json.loads(text))
+    assert agent._dumps({"x": object}, repr) == json.dumps({"x": object}, default=repr)
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "{", '{"a": 1} x', "[1,]", '{"a": tru}', "'a'", '"\\x"', "{}{}"])
+def test_agent_codec_rejects_what_json_rejects(bad: str) -> None:
+    import json
+
+    with pytest.raises(ValueError):
+        json.loads(bad)
+    with pytest.raises(ValueError):
+        agent._loads(bad)
+
+
+def test_agent_codec_refuses_unencodable_and_circular_values() -> None:
+    loop: list[object] = []
+    loop.append(loop)
+    for value in ({"x": object()}, {"x": loop}):
+        with pytest.raises((TypeError, ValueError)):
+            agent._dumps(value)
+    # a failed encode leaves nothing behind for the next one
+    assert agent._dumps({"y": [1]}) == '{"y": [1]}'
+    assert agent._jsonable(loop) == repr(loop)
+
+
+def test_socket_stream_reads_frames_split_and_joined() -> None:
+    import socket
+
+    a, b = socket.socketpair()
+    with a, b:
+        s = agent.SocketStream(b)
+        frames = [{"n": i, "pad": "x" * (i * 40000)} for i in range(4)]
+        blob = b"".join(
+            agent._LEN.pack(len(body)) + body for body in (agent._dumps(f).encode() for f in frames)
+        )
+        import threading
+
+        t = threading.Thread(target=lambda: (a.sendall(blob), a.shutdown(socket.SHUT_WR)))
+        t.start()
+        got = []
+        while (msg := agent.read_frame(s)) is not None:
+            got.append(msg)
+        t.join()
+        assert got == frames

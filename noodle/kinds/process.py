@@ -193,10 +193,9 @@ def _zygote_request(path: str, req: dict[str, Any], timeout: float) -> dict[str,
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(path)
-            with sock.makefile("wb") as w:
-                agent.write_frame(w, req)
-            with sock.makefile("rb") as r:
-                reply = agent.read_frame(r)
+            stream = agent.SocketStream(sock)
+            agent.write_frame(stream, req)
+            reply = agent.read_frame(stream)
     except (OSError, agent.ProtocolError) as exc:
         raise StepFailed(f"zygote at {path} unreachable: {exc}") from None
     if not reply or not reply.get("ok"):

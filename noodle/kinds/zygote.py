@@ -17,6 +17,7 @@ are reparented to the supervisor, a child subreaper, which reaps them.
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import gc
 import importlib
@@ -62,7 +63,7 @@ except ImportError:  # optional: instances keep the zygote's title
 _RLIMITS = {"as": resource.RLIMIT_AS, "nproc": resource.RLIMIT_NPROC, "cpu": resource.RLIMIT_CPU}
 
 
-def _become_instance(req: dict[str, Any], listener: socket.socket) -> None:
+def _become_instance(req: dict[str, Any], listener: _socket.socket) -> None:
     """In the forked child: drop to the requested identity and serve."""
     os.setsid()  # its own process group: terminate kills the group
     if _setproctitle is not None:
@@ -105,7 +106,8 @@ def warm() -> None:
 
 
 def _serve_one(conn: socket.socket) -> None:
-    with conn, conn.makefile("rb") as rfile, conn.makefile("wb") as wfile:
+    with conn:
+        rfile = wfile = agent.SocketStream(conn)
         req = agent.read_frame(rfile)
         if req is None:
             return
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops us
-    server = agent.listen_unix(args.socket)
+    raw = agent.listen_unix(args.socket)
+    server = socket.socket(raw.family, raw.type, fileno=raw.detach())
     os.chmod(args.socket, 0o600)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
