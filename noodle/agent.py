@@ -31,7 +31,7 @@ import sys
 # zygote warms them before forking), and typing never loads at run time.
 # The json and socket packages are not imported either: through re and
 # enum they cost about as much as the interpreter's own start, while their
-# C cores (_json, _socket) do the work (see _codec and SocketStream).
+# C cores (_json, _socket) do the work (see _dumps, _loads, SocketStream).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Protocol
@@ -93,7 +93,7 @@ def _not_json(value: Any) -> Any:
 
 
 def _dumps(value: Any, default: Any = _not_json) -> str:
-    """``json.dumps(value, default=default)`` (compact separators aside)."""
+    """``json.dumps(value, default=default)``: the same encoder, the same text."""
     try:
         import _json
     except ImportError:  # not CPython: the json package, slower to import
@@ -115,7 +115,6 @@ class _DecoderOptions:
     parse_float = float
     parse_int = int
     parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}.__getitem__
-    memo: dict[str, Any] = {}
 
 
 _WS = " \t\n\r"

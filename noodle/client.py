@@ -212,9 +212,7 @@ class Pool:
         seg = self._live_seg()
         status = L.Status(seg.core.release(slot, gen))
         if status == L.Status.OK:
-            if queues.send_nowait(self._terminate_q, slot, gen):
-                seg.set_queued(slot, time.monotonic_ns())
-            else:
+            if not queues.dispatch(self._terminate_q, slot, gen, seg.set_queued):
                 seg.count("queue_full")  # the supervisor's table scan feeds it
             return True
         if status == L.Status.STALE:

@@ -261,3 +261,48 @@ def test_socket_stream_reads_frames_split_and_joined() -> None:
             got.append(msg)
         t.join()
         assert got == frames
+
+
+def test_dispatch_stamps_before_sending_and_clears_when_full(pool_name: str) -> None:
+    """A task's 'queued' stamp is written before its send (stamped after,
+    it could land on the slot's next stage, whose own send had failed, and
+    hide that stage's missing task from the supervisor for 30 s), and is
+    cleared when the queue is full. Real queue, one message deep."""
+    import posix_ipc
+
+    from noodle import queues
+
+    name = queues.queue_name(pool_name, "clean")
+    q = posix_ipc.MessageQueue(name, posix_ipc.O_CREX, mode=0o600, max_messages=1,
+                               max_message_size=queues.MAX_MSG_SIZE)  # fmt: skip
+    q.block = False
+    stamps: list[tuple[int, int, int]] = []
+
+    def set_queued(slot: int, ns: int) -> None:
+        stamps.append((slot, ns, q.current_messages))
+
+    try:
+        assert queues.dispatch(q, 3, 7, set_queued) is True
+        assert len(stamps) == 1 and stamps[0][0] == 3 and stamps[0][1] > 0
+        assert stamps[0][2] == 0, "stamped after the send"
+        assert queues.dispatch(q, 4, 1, set_queued) is False  # full
+        assert stamps[1][:2] != (4, 0) and stamps[2][:2] == (4, 0)
+        raw, _ = q.receive(timeout=0)
+        assert queues.decode(raw, 8) == (3, 7)
+    finally:
+        q.close()
+        posix_ipc.unlink_message_queue(name)
+
+
+def test_a_churned_pool_refills_without_waiting_for_resends(supervisor) -> None:
+    """Leases released as fast as they come: every slot comes back through
+    its four stages with the queues often full, and the pool is full again
+    without any task waiting for the supervisor's lost-task resend."""
+    sup = supervisor("--pool-size", "16")
+    pool = sup.attach()
+    wait_full(pool)
+    for _ in range(120):
+        pool.get(timeout=60, health=False).release()
+    snap = wait_full(pool, 25.0)  # a lost task would come back only after RESEND_AFTER (30 s)
+    assert snap["counters"]["spawns"] >= 16 + 120
+    pool.close()

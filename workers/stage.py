@@ -227,9 +227,7 @@ class Worker:
             return
         if dispatch is None:
             return
-        if queues.send_nowait(self.senders[dispatch], slot, L.word_gen(new)):
-            self.seg.set_queued(slot, time.monotonic_ns())
-        else:
+        if not queues.dispatch(self.senders[dispatch], slot, L.word_gen(new), self.seg.set_queued):
             self.seg.count("queue_full")
 
     def fail(self, slot: int, gen: int, mine: int, exc: BaseException) -> None:
