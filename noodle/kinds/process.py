@@ -235,7 +235,11 @@ def _exit_watch(pid: int, start: int) -> Iterator[Callable[[float], None]]:
         return
     poller = select.poll()
     poller.register(fd, select.POLLIN)
+
+    def wait(seconds: float) -> None:
+        poller.poll(seconds * 1000.0)
+
     try:
-        yield lambda s: (poller.poll(s * 1000.0), None)[1]
+        yield wait
     finally:
         os.close(fd)
