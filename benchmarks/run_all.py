@@ -2,7 +2,8 @@
 
     python benchmarks/run_all.py [--quick] [--only NAME ...] [--timeout SECONDS]
 
-bench_core.py and bench_pool.py always run, then every other
+bench_core.py, bench_pool.py and bench_jobpath.py always run (the last
+skips a sandbox kind whose tool or image is missing), then every other
 benchmarks/bench_*.py (the kind benchmarks), each only when the tools it
 needs are installed (otherwise it is skipped with the reason). --quick
 shortens every benchmark (under 30 s each for ours, a few rounds/samples
@@ -32,7 +33,7 @@ KIND_NEEDS: dict[str, dict[str, list[str]]] = {
     # picks the kinds that can run here by itself
     "bench_kinds_pool.py": {"any_tool": [], "files": [], "quick": ["--scale", "0.2"]},
 }  # fmt: skip
-OURS = ("bench_core.py", "bench_pool.py")
+OURS = ("bench_core.py", "bench_pool.py", "bench_jobpath.py")
 
 
 def missing(script: str) -> str | None:

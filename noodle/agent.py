@@ -33,19 +33,30 @@ The instance is single-use, so state kept between calls of one lease (the
 
 from __future__ import annotations
 
-import ast
-import contextlib
-import importlib
-import io
-import json
+import _socket
+import io  # loaded by the interpreter's own start-up anyway (sys.stdout)
 import os
-import socket
 import struct
-import subprocess
 import sys
-import traceback
-from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
+
+# Start-up is the sandbox kinds' spawn-to-ready time, so only what every
+# request needs is imported here: ast, subprocess, traceback, pickle and
+# base64 load on the first request that uses them (the process kind's
+# zygote warms them before forking), and typing never loads at run time.
+# The json and socket packages are not imported either: through re and
+# enum they cost about as much as the interpreter's own start, while their
+# C cores (_json, _socket) do the work (see _dumps, _loads, SocketStream).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, Protocol
+
+    class Stream(Protocol):
+        """What frames are read from and written to: a binary file or a SocketStream."""
+
+        def read(self, n: int, /) -> bytes: ...
+        def write(self, data: bytes, /) -> int: ...
+        def flush(self) -> None: ...
 
 MAX_FRAME = 64 * 1024 * 1024
 _LEN = struct.Struct(">I")
@@ -70,7 +81,7 @@ class ProtocolError(Exception):
     """A frame was truncated, oversized or not a JSON object."""
 
 
-def read_frame(rfile: BinaryIO) -> dict[str, Any] | None:
+def read_frame(rfile: Stream) -> dict[str, Any] | None:
     """Read one frame; None on a clean end of stream."""
     head = _read_exact(rfile, _LEN.size, allow_eof=True)
     if head is None:
@@ -81,7 +92,7 @@ def read_frame(rfile: BinaryIO) -> dict[str, Any] | None:
     body = _read_exact(rfile, size, allow_eof=False)
     assert body is not None
     try:
-        msg = json.loads(body)
+        msg = _loads(body.decode())
     except ValueError as exc:
         raise ProtocolError(f"frame is not JSON: {exc}") from None
     if not isinstance(msg, dict):
@@ -89,13 +100,13 @@ def read_frame(rfile: BinaryIO) -> dict[str, Any] | None:
     return msg
 
 
-def write_frame(wfile: BinaryIO, msg: dict[str, Any]) -> None:
-    body = json.dumps(msg, default=repr).encode()
+def write_frame(wfile: Stream, msg: dict[str, Any]) -> None:
+    body = _dumps(msg, repr).encode()
     wfile.write(_LEN.pack(len(body)) + body)
     wfile.flush()
 
 
-def _read_exact(rfile: BinaryIO, n: int, allow_eof: bool) -> bytes | None:
+def _read_exact(rfile: Stream, n: int, allow_eof: bool) -> bytes | None:
     buf = bytearray()
     while len(buf) < n:
         chunk = rfile.read(n - len(buf))
@@ -105,6 +116,56 @@ def _read_exact(rfile: BinaryIO, n: int, allow_eof: bool) -> bytes | None:
             raise ProtocolError(f"stream ended after {len(buf)} of {n} bytes")
         buf += chunk
     return bytes(buf)
+
+
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _dumps(value: Any, default: Any = _not_json) -> str:
+    """``json.dumps(value, default=default)``: the same encoder, the same text."""
+    try:
+        import _json
+    except ImportError:  # not CPython: the json package, slower to import
+        import json
+
+        return json.dumps(value, default=default)
+    # a fresh encoder per call, as json does: its circular-reference marks
+    # are left behind when an encode fails half-way
+    enc = _json.make_encoder({}, default, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+    return "".join(enc(value, 0))
+
+
+class _DecoderOptions:
+    """What _json's scanner reads from a json.JSONDecoder: the defaults."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}.__getitem__
+
+
+_WS = " \t\n\r"
+
+
+def _loads(text: str) -> Any:
+    """``json.loads(text)``; ValueError for anything that is not one JSON value."""
+    try:
+        import _json
+    except ImportError:
+        import json
+
+        return json.loads(text)
+    start = len(text) - len(text.lstrip(_WS))
+    try:
+        value, end = _json.make_scanner(_DecoderOptions)(text, start)  # type: ignore[arg-type]
+    except StopIteration as exc:
+        raise ValueError(f"expecting a value at {exc.value}") from None
+    if text[end:].strip(_WS):
+        raise ValueError(f"extra data at {end}")
+    return value
 
 
 class NotPlain(TypeError):
@@ -222,6 +283,8 @@ def _truncated(data: bytes, cap: int) -> str:
 
 def remote_traceback(exc: BaseException) -> str:
     """The exception's traceback without the agent's and codec's own frames."""
+    import traceback
+
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_globals.get("__noodle_internal__"):
         tb = tb.tb_next
@@ -302,21 +365,18 @@ def _pickle_record(record: dict[str, Any]) -> bytes:
         return pickle.dumps({**record, "ok": False, "value": None, "error": error})
 
 
-@contextlib.contextmanager
-def _capture(cap: int) -> Iterator[tuple[_CappedText, _CappedText]]:
-    out, err = _CappedText(cap), _CappedText(cap)
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        yield out, err
-
-
 def run_captured(fn: Callable[[], Any], pickled: bool, output_cap: int = OUTPUT_CAP) -> bytes:
     """Call ``fn`` with its output captured; the outcome as a result payload.
     Never raises: whatever ``fn`` raises is the payload's error."""
-    with _capture(output_cap) as (out, err):
-        try:
-            value = fn()
-        except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
-            return encode_outcome(False, None, exc, out.getvalue(), err.getvalue(), pickled)
+    out, err = _CappedText(output_cap), _CappedText(output_cap)
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err  # what contextlib.redirect_* do, without importing it
+    try:
+        value = fn()
+    except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
+        sys.stdout, sys.stderr = saved
+        return encode_outcome(False, None, exc, out.getvalue(), err.getvalue(), pickled)
+    sys.stdout, sys.stderr = saved
     return encode_outcome(True, value, None, out.getvalue(), err.getvalue(), pickled)
 
 
@@ -378,6 +438,8 @@ class Agent:
         return _failure("ProtocolError", f"unknown op {op!r}")
 
     def _run(self, source: str) -> Any:
+        import ast
+
         tree = ast.parse(source, "<noodle>", "exec")
         last = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
@@ -393,7 +455,8 @@ class Agent:
         mod_name, _, attr = target.partition(":")
         if not mod_name or not attr:
             raise ValueError(f"call target must look like 'pkg.mod:func', got {target!r}")
-        obj: Any = importlib.import_module(mod_name)
+        __import__(mod_name)
+        obj: Any = sys.modules[mod_name]
         for part in attr.split("."):
             obj = getattr(obj, part)
         args = req.get("args") or []
@@ -405,6 +468,8 @@ class Agent:
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             return _failure("ValueError", "argv must be a non-empty list of strings")
         timeout = req.get("timeout")
+        import subprocess
+
         try:
             proc = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -417,42 +482,102 @@ class Agent:
         }
 
 
-def serve_stream(rfile: BinaryIO, wfile: BinaryIO, agent: Agent | None = None) -> None:
+def serve_stream(rfile: Stream, wfile: Stream, agent: Agent | None = None) -> None:
     """Serve requests until the peer closes the stream."""
     agent = agent or Agent()
     while True:
         try:
             req = read_frame(rfile)
         except ProtocolError as exc:
-            with contextlib.suppress(OSError):
+            try:
                 write_frame(wfile, _failure("ProtocolError", str(exc)))
+            except OSError:
+                pass
             return
         if req is None:
             return
         write_frame(wfile, agent.handle(req))
 
 
-def serve_socket(listener: socket.socket) -> None:
+class SocketStream:
+    """The file interface of read_frame/write_frame straight on a socket:
+    one sendall per frame, reads through a small buffer (a frame's length
+    and body usually arrive in one recv), no makefile objects."""
+
+    __slots__ = ("_buf", "sock")
+
+    def __init__(self, sock: _socket.socket) -> None:
+        self.sock = sock
+        self._buf = b""
+
+    def read(self, n: int) -> bytes:
+        buf = self._buf
+        if not buf:
+            buf = self.sock.recv(max(n, 65536))
+            if len(buf) <= n:
+                return buf
+        self._buf = buf[n:]
+        return buf[:n]
+
+    def write(self, data: bytes) -> int:
+        self.sock.sendall(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def serve_socket(listener: _socket.socket) -> None:
     """Serve one connection at a time until killed: the instance is single-use,
     but a lease holder may reconnect (a health check, then the work)."""
     agent = Agent()
     while True:
-        conn, _ = listener.accept()
-        with conn, conn.makefile("rb") as rfile, conn.makefile("wb") as wfile:
-            with contextlib.suppress(OSError):
-                serve_stream(rfile, wfile, agent)
+        fd, _ = listener._accept()  # type: ignore[attr-defined]  # socket.socket.accept's core
+        conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fd)
+        stream = SocketStream(conn)
+        try:
+            serve_stream(stream, stream, agent)
+        except OSError:
+            pass
+        finally:
+            conn.close()
 
 
-def listen_unix(path: str) -> socket.socket:
-    with contextlib.suppress(FileNotFoundError):
+def listen_unix(path: str) -> _socket.socket:
+    try:
         os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except FileNotFoundError:
+        pass
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.bind(path)
     # gVisor refuses chmod on a socket; the host side sets the mode then
-    with contextlib.suppress(OSError):
+    try:
         os.chmod(path, 0o660)
+    except OSError:
+        pass
     sock.listen(8)
     return sock
+
+
+def _quick_args(argv: list[str]) -> dict[str, str] | None:
+    """The launchers' own argv (``--socket P [--ready-fd N]`` or
+    ``--stdio``) without argparse, which would add milliseconds to every
+    sandbox start; None for anything else, which argparse then explains."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        key = argv[i]
+        if key == "--stdio" and key not in out:
+            out[key] = ""
+            i += 1
+        elif key in ("--socket", "--ready-fd") and key not in out and i + 1 < len(argv):
+            out[key] = argv[i + 1]
+            i += 2
+        else:
+            return None
+    if "--ready-fd" in out and not out["--ready-fd"].isdigit():
+        return None
+    return out if ("--stdio" in out) != ("--socket" in out) else None
 
 
 def _warm_up() -> None:
@@ -463,37 +588,43 @@ def _warm_up() -> None:
     import threading
 
     def imports() -> None:
-        with contextlib.suppress(Exception):
+        try:
             import base64  # noqa: F401
             import pickle  # noqa: F401
 
             import cloudpickle  # type: ignore[import-untyped]  # noqa: F401
+        except Exception:  # noqa: BLE001 - a task that needs it reports the failure itself
+            pass
 
     threading.Thread(target=imports, name="noodle-warm-up", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    args = _quick_args(sys.argv[1:] if argv is None else argv)
+    if args is None:
+        import argparse
 
-    parser = argparse.ArgumentParser(description="pool-noodle in-instance agent")
-    parser.add_argument("--socket", help="Unix socket path to listen on")
-    parser.add_argument("--stdio", action="store_true", help="serve one stream on stdin/stdout")
-    parser.add_argument("--ready-fd", type=int, help="write one byte to this fd once listening")
-    args = parser.parse_args(argv)
+        parser = argparse.ArgumentParser(description="pool-noodle in-instance agent")
+        parser.add_argument("--socket", help="Unix socket path to listen on")
+        parser.add_argument("--stdio", action="store_true", help="serve one stream on stdin/stdout")
+        parser.add_argument("--ready-fd", type=int, help="write one byte to this fd once listening")
+        parsed = parser.parse_args(argv)
+        if not parsed.socket and not parsed.stdio:
+            parser.error("--socket or --stdio is required")
+        parser.error("give either --socket (with an optional --ready-fd) or --stdio")
     # run as a script (in sandboxes, often with -I): modules staged next to
     # this file (cloudpickle, for tasks) must import
     here = os.path.dirname(os.path.abspath(__file__))
     if not __package__ and here not in sys.path:
         sys.path.append(here)
-    if args.stdio:
+    if "--stdio" in args:
         serve_stream(sys.stdin.buffer, sys.stdout.buffer)
         return 0
-    if not args.socket:
-        parser.error("--socket or --stdio is required")
-    listener = listen_unix(args.socket)
-    if args.ready_fd is not None:
-        os.write(args.ready_fd, b"R")
-        os.close(args.ready_fd)
+    listener = listen_unix(args["--socket"])
+    if "--ready-fd" in args:
+        ready_fd = int(args["--ready-fd"])
+        os.write(ready_fd, b"R")
+        os.close(ready_fd)
     _warm_up()
     serve_socket(listener)
     return 0

@@ -219,10 +219,12 @@ class Pool:
                 budget = 2.0 if deadline is None else max(0.05, min(2.0, deadline - time.monotonic()))
                 t0 = time.monotonic_ns()
                 try:
-                    healthy = self._kind.client_health(lease.descriptor, budget)
+                    healthy, handle = self._kind.client_health_handle(lease.descriptor, budget)
                 except InstanceGone:
-                    healthy = False
+                    healthy, handle = False, None
                 seg.observe("health", time.monotonic_ns() - t0)
+                if handle is not None:
+                    lease._instance = handle  # the checked connection serves the lease's calls
                 if healthy:
                     return lease
                 seg.count("unhealthy_on_get")
@@ -260,9 +262,7 @@ class Pool:
         seg = self._live_seg()
         status = L.Status(seg.core.release(slot, gen))
         if status == L.Status.OK:
-            if queues.send_nowait(self._terminate_q, slot, gen):
-                seg.set_queued(slot, time.monotonic_ns())
-            else:
+            if not queues.dispatch(self._terminate_q, slot, gen, seg.set_queued):
                 seg.count("queue_full")  # the supervisor's table scan feeds it
             return True
         if status == L.Status.STALE:

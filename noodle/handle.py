@@ -20,7 +20,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from noodle.agent import ProtocolError, read_frame, write_frame
+from noodle.agent import ProtocolError, SocketStream, read_frame, write_frame
 from noodle.errors import InstanceError, InstanceGone, InstanceTimeout
 
 
@@ -48,6 +48,7 @@ class AgentHandle:
         self.timeout = timeout
         self.trust_results = trust_results
         self._sock: socket.socket | None = None
+        self._io: SocketStream | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -75,12 +76,13 @@ class AgentHandle:
         after a timeout or error so a late reply is never read as the next."""
         limit = self.timeout if timeout is None else timeout
         sock = self._connect(limit)
-        sock.settimeout(limit)
+        conn = self._io
+        if conn is None or conn.sock is not sock:
+            conn = self._io = SocketStream(sock)
         try:
-            with sock.makefile("wb") as wfile:
-                write_frame(wfile, req)
-            with sock.makefile("rb") as rfile:
-                reply = read_frame(rfile)
+            sock.settimeout(limit)
+            write_frame(conn, req)
+            reply = read_frame(conn)
         except TimeoutError:
             self._drop()
             raise InstanceTimeout(f"instance did not answer {req.get('op')!r} within {limit} s") from None
@@ -125,6 +127,24 @@ class AgentHandle:
                 stderr=outcome.stderr,
             )
         return RunResult(outcome.value, outcome.stdout, outcome.stderr)
+
+    @classmethod
+    def checked(
+        cls, socket_path: str, timeout: float, pid: int | None = None, trust_results: bool = False
+    ) -> AgentHandle | None:
+        """A handle whose connection just answered a ping (from ``pid``, if
+        given, as the agent reports it), kept open for the lease's calls:
+        the health check on get and the first call share one connect.
+        None, closed, if the agent did not answer so."""
+        handle = cls(socket_path, trust_results=trust_results)
+        try:
+            reply = handle.request({"op": "ping"}, timeout)
+        except (InstanceGone, InstanceTimeout):
+            reply = {}
+        if reply.get("ok") and (pid is None or reply.get("pid") == pid):
+            return handle
+        handle.close()
+        return None
 
     @classmethod
     def probe(cls, socket_path: str, timeout: float) -> bool:
@@ -202,6 +222,7 @@ class AgentHandle:
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None
+        self._io = None
 
     def close(self) -> None:
         self._drop()

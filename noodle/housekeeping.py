@@ -157,7 +157,5 @@ class SlotHousekeeping:
                     continue  # its task is in the queue
             elif now - rec.entered_ns < SENDER_GRACE_NS and not rec.retry_at_ns:
                 continue  # whoever moved it is about to send
-            if queues.send_nowait(self.queues[stage.name], slot, L.word_gen(word)):
-                self.seg.set_queued(slot, time.monotonic_ns())
-            else:
+            if not queues.dispatch(self.queues[stage.name], slot, L.word_gen(word), self.seg.set_queued):
                 full.add(stage.name)

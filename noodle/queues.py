@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -103,6 +105,20 @@ def send_nowait(q: posix_ipc.MessageQueue, slot: int, gen: int) -> bool:
     except posix_ipc.BusyError:
         return False
     return True
+
+
+def dispatch(q: posix_ipc.MessageQueue, slot: int, gen: int, set_queued: Callable[[int, int], None]) -> bool:
+    """Send the task of a slot that just entered a stage, stamping it queued
+    (``set_queued(slot, ns)``) *before* the send and clearing the stamp if
+    the queue is full. Stamped after the send, the stamp could land when the
+    next stage's worker has already moved the slot on and failed its own
+    send: the slot would then look queued while no task exists, and wait
+    for the supervisor's 30 s resend."""
+    set_queued(slot, time.monotonic_ns())
+    if send_nowait(q, slot, gen):
+        return True
+    set_queued(slot, 0)
+    return False
 
 
 def unlink_all(pool: str) -> None:

@@ -77,6 +77,10 @@ class Worker:
         self.pid = os.getpid()
         self.stopping = False
         self.queue = queues.open_queue(spec.cfg.name, spec.stage)
+        # open_queue's descriptors are non-blocking (senders must never
+        # wait); on one, receive(timeout) returns EAGAIN at once and this
+        # loop would spin a CPU while idle, starving the steps and the jobs
+        self.queue.block = True
         self.senders = {s: queues.open_queue(spec.cfg.name, s) for s in lifecycle.STAGE_NAMES}
 
     def beat(self) -> None:
@@ -214,9 +218,7 @@ class Worker:
             return
         if dispatch is None:
             return
-        if queues.send_nowait(self.senders[dispatch], slot, L.word_gen(new)):
-            self.seg.set_queued(slot, time.monotonic_ns())
-        else:
+        if not queues.dispatch(self.senders[dispatch], slot, L.word_gen(new), self.seg.set_queued):
             self.seg.count("queue_full")
 
     def fail(self, slot: int, gen: int, mine: int, exc: BaseException) -> None:

@@ -143,6 +143,13 @@ class Kind:
         return True
 
     @classmethod
+    def client_health_handle(cls, descriptor: Mapping[str, Any], timeout: float) -> tuple[bool, Any]:
+        """``client_health`` for kinds whose check opens the connection the
+        lease then keeps for its calls: (healthy, that handle or None). The
+        default keeps nothing and the lease builds its handle when asked."""
+        return cls.client_health(descriptor, timeout), None
+
+    @classmethod
     def instance_pids(cls, descriptor: Mapping[str, Any]) -> list[int]:
         """Host pids of the instance, for leak checks and crash recovery."""
         pid = descriptor.get("pid")
@@ -171,6 +178,17 @@ class AgentKind(Kind):
         if proc is None or not proc.alive():
             return False
         return AgentHandle.probe(str(descriptor.get("socket", "")), timeout)
+
+    @classmethod
+    def client_health_handle(cls, descriptor: Mapping[str, Any], timeout: float) -> tuple[bool, Any]:
+        """``client_health``, keeping the pinged connection open as the
+        lease's handle: the check on get and the first call share one
+        connect (agents serve one connection at a time)."""
+        proc = ProcessIdentity.from_record(descriptor.get("pid"), descriptor.get("start"))
+        if proc is None or not proc.alive():
+            return False, None
+        handle = AgentHandle.checked(str(descriptor.get("socket", "")), timeout, trust_results=cls.TRUST_RESULTS)
+        return handle is not None, handle
 
 
 def _type_name(typ: type | tuple[type, ...]) -> str:

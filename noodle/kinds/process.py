@@ -66,8 +66,10 @@ class ProcessKind(AgentKind):
         self._start_zygote()
 
     def _start_zygote(self) -> None:
+        # by path, not `-m noodle.kinds.zygote`: -m would import the whole
+        # noodle package into the template every instance is forked from
         cmd = [
-            sys.executable, "-m", "noodle.kinds.zygote",
+            sys.executable, "-c", _ZYGOTE_BOOT, os.path.join(os.path.dirname(os.path.abspath(__file__)), "zygote.py"),
             "--socket", self.zygote_socket,
             "--preload", ",".join(self.options["preload"]),
             "--title", f"noodle zygote {self.pool.name}",
@@ -146,6 +148,25 @@ class ProcessKind(AgentKind):
         if isinstance(pid, int) and isinstance(start, int):
             _kill_group(pid, start)
 
+    # -- client side ------------------------------------------------------------
+
+    @classmethod
+    def client_health_handle(cls, descriptor: Mapping[str, Any], timeout: float) -> tuple[bool, Any]:
+        # The agent answering on the slot's socket with the recorded pid is
+        # the instance itself (a reused pid cannot answer there), so the two
+        # /proc reads of the identity check are not needed on this path.
+        pid = descriptor.get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            return False, None
+        handle = AgentHandle.checked(str(descriptor.get("socket", "")), timeout, pid, trust_results=cls.TRUST_RESULTS)
+        return handle is not None, handle
+
+
+# Runs zygote.py as __main__ with sys.path as `-m` would leave it (the
+# working directory first, not noodle/kinds, whose modules would shadow
+# the instances' own).
+_ZYGOTE_BOOT = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+
 
 def _kill_recorded(slot: SlotContext) -> None:
     """Kill the instance the slot's pidfile records, if it still runs."""
@@ -159,10 +180,9 @@ def _zygote_request(path: str, req: dict[str, Any], timeout: float) -> dict[str,
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(path)
-            with sock.makefile("wb") as w:
-                agent.write_frame(w, req)
-            with sock.makefile("rb") as r:
-                reply = agent.read_frame(r)
+            stream = agent.SocketStream(sock)
+            agent.write_frame(stream, req)
+            reply = agent.read_frame(stream)
     except (OSError, agent.ProtocolError) as exc:
         raise StepFailed(f"zygote at {path} unreachable: {exc}") from None
     if not reply or not reply.get("ok"):

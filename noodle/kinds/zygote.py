@@ -17,28 +17,58 @@ are reparented to the supervisor, a child subreaper, which reaps them.
 
 from __future__ import annotations
 
+import _socket
 import contextlib
+import gc
 import importlib
+import importlib.util
+import io
 import os
 import resource
 import signal
 import socket
 import sys
-from typing import Any
+from types import ModuleType
 
-from noodle import agent
-from noodle.host.proc import start_time
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    from noodle import agent
+    from noodle.host import proc
+else:
+
+    def _sibling(name: str) -> ModuleType:
+        """A module of the ``noodle`` package loaded by its path. Importing
+        it through the package would run ``noodle/__init__`` (the client,
+        asyncio, msgpack, the C core): every fork copies the page tables of
+        all the template holds, and each instance would carry it too."""
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), *name.split("."))
+        spec = importlib.util.spec_from_file_location(f"_noodle_zygote_{name.replace('.', '_')}", path + ".py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    agent, proc = _sibling("agent"), _sibling("host.proc")
+
+start_time = proc.start_time
+
+_setproctitle: Callable[[str], None] | None
+try:
+    from setproctitle import setproctitle as _setproctitle
+except ImportError:  # optional: instances keep the zygote's title
+    _setproctitle = None
 
 _RLIMITS = {"as": resource.RLIMIT_AS, "nproc": resource.RLIMIT_NPROC, "cpu": resource.RLIMIT_CPU}
 
 
-def _become_instance(req: dict[str, Any], listener: socket.socket) -> None:
+def _become_instance(req: dict[str, Any], listener: _socket.socket) -> None:
     """In the forked child: drop to the requested identity and serve."""
     os.setsid()  # its own process group: terminate kills the group
-    with contextlib.suppress(ImportError):
-        from setproctitle import setproctitle
-
-        setproctitle(f"noodle instance {req.get('pool', '')} {req.get('slot', '')}")
+    if _setproctitle is not None:
+        _setproctitle(f"noodle instance {req.get('pool', '')} {req.get('slot', '')}")
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -57,11 +87,28 @@ def _become_instance(req: dict[str, Any], listener: socket.socket) -> None:
     if uid is not None:
         os.setuid(int(uid))
     os.chdir(cwd)
+    warm()
     agent.serve_socket(listener)
 
 
+def warm() -> None:
+    """Run one request through the agent's whole path (decode, import,
+    call, capture, encode) in this process. In the zygote this fills the
+    caches every instance then shares; in a fresh instance it pays the
+    copy-on-write faults on the pages that path writes before the spawn
+    step's ping returns, so the instance is published warm and its first
+    lease pays nothing extra."""
+    buf = io.BytesIO()
+    agent.write_frame(buf, {"op": "call", "target": "math:factorial", "args": [20], "kwargs": {}})
+    buf.seek(0)
+    req = agent.read_frame(buf)
+    if req is not None:
+        agent.write_frame(io.BytesIO(), agent.Agent().handle(req))
+
+
 def _serve_one(conn: socket.socket) -> None:
-    with conn, conn.makefile("rb") as rfile, conn.makefile("wb") as wfile:
+    with conn:
+        rfile = wfile = agent.SocketStream(conn)
         req = agent.read_frame(rfile)
         if req is None:
             return
@@ -104,19 +151,23 @@ def main(argv: list[str] | None = None) -> int:
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != args.parent:
             return 1
-    if args.title:
-        with contextlib.suppress(ImportError):
-            from setproctitle import setproctitle
-
-            setproctitle(args.title)
+    if args.title and _setproctitle is not None:
+        _setproctitle(args.title)
     for mod in filter(None, args.preload.split(",")):
         importlib.import_module(mod)
     # what every Executor task unpickles with: imported once here, not per instance
     with contextlib.suppress(ImportError):
         importlib.import_module("cloudpickle")
+    warm()
+    # Everything alive now is shared with every instance. Frozen, the
+    # collector never walks (and so never writes to) these objects in an
+    # instance, which would copy their pages into each one.
+    gc.collect()
+    gc.freeze()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops us
-    server = agent.listen_unix(args.socket)
+    raw = agent.listen_unix(args.socket)
+    server = socket.socket(raw.family, raw.type, fileno=raw.detach())
     os.chmod(args.socket, 0o600)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
