@@ -56,7 +56,7 @@ async def until(pred: Any, timeout: float = 30.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not pred():
-        assert loop.time() < deadline, "condition not reached"
+        assert loop.time() < deadline, f"condition not reached (threads {aio.waiting_threads()})"
         await asyncio.sleep(0.01)
 
 
@@ -123,6 +123,8 @@ def test_a_cancelled_waiter_s_lease_goes_to_the_next(pool: Any) -> None:
         lease = await asyncio.wait_for(second, 60)
         assert not lease.released
         lease.release()
+        # the instance that replaces it is held too, so the next waiter waits
+        held.append(await pool.aget(timeout=60))
         # a lone waiter cancelled while an instance arrives: released, not leaked
         third = asyncio.create_task(pool.aget(timeout=60))
         await until(lambda: aio.waiting_threads() == 1)
@@ -132,6 +134,8 @@ def test_a_cancelled_waiter_s_lease_goes_to_the_next(pool: Any) -> None:
             await third
 
     asyncio.run(main())
+    for lease in held:
+        lease.release()
     settled(pool)
 
 

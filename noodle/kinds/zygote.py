@@ -48,6 +48,7 @@ else:
         spec = importlib.util.spec_from_file_location(f"_noodle_zygote_{name.replace('.', '_')}", path + ".py")
         assert spec is not None and spec.loader is not None
         mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up there
         spec.loader.exec_module(mod)
         return mod
 
