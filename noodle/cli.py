@@ -32,6 +32,7 @@ from noodle.errors import (
     PoolShuttingDown,
     PoolStarved,
 )
+from noodle.fleet import cli as fleet_cli
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_POOL, EXIT_STARVED, EXIT_SHUTTING_DOWN, EXIT_REMOTE = 0, 1, 2, 3, 4, 5, 6
 
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("kinds", help="list the registered instance kinds")
     sub.add_parser("unit", help="print the systemd unit file (noodle@.service) to install")
+    fleet_cli.register(sub)  # serve, submit, status --nats, unit --serve
     return p
 
 
@@ -273,7 +275,7 @@ COMMANDS = {"run": cmd_run, "status": cmd_status, "get": cmd_get, "exec": cmd_ex
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return (getattr(args, "fleet_cmd", None) or COMMANDS[args.command])(args)
     except ConfigError as exc:
         print(f"noodle: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -5,7 +5,7 @@
 set -euo pipefail
 pkgs=()
 need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed" || pkgs+=("$1"); }
-for p in bubblewrap runc crun qemu-system-x86 busybox-static iproute2 procps util-linux; do need "$p"; done
+for p in bubblewrap runc crun qemu-system-x86 busybox-static iproute2 procps util-linux nats-server; do need "$p"; done
 # /dev/mqueue is where POSIX queues are visible for inspection and leak checks
 if [ ! -d /dev/mqueue ] || ! mountpoint -q /dev/mqueue; then
   if [ "$(id -u)" = 0 ]; then mkdir -p /dev/mqueue && mount -t mqueue none /dev/mqueue || true; fi
