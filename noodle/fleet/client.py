@@ -87,7 +87,9 @@ class FleetClient:
             await asyncio.gather(self._sweeper, return_exceptions=True)
         if self._nc is not None:
             with contextlib.suppress(Exception):
-                await self._nc.drain()
+                await self._nc.flush(2)  # acks and results out before closing
+            with contextlib.suppress(Exception):
+                await self._nc.close()
         exc = RuntimeError("the fleet client was closed before this job's result arrived")
         for pending in self._pending.values():
             for resolve in pending.resolvers:

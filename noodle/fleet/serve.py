@@ -144,7 +144,9 @@ class Serve:
                     await kv.put(self.key, self._status_value(stopped=True))
         finally:
             with contextlib.suppress(Exception):
-                await nc.drain()
+                await nc.flush(2)  # acks and results out before closing
+            with contextlib.suppress(Exception):
+                await nc.close()
             self._threads.shutdown(wait=True)
             pool.close()
         return self._exit_code

@@ -213,3 +213,52 @@ def wait_serving(host: Host, timeout: float = 60.0) -> None:
 
     wait_for(up, timeout, f"serve {host.name} to start")
     assert host.serve is not None and host.serve.poll() is None, host.serve_log_text()
+
+
+def js_run(url: str, fn: Callable[[Any, Any], Any], **connect: Any) -> Any:
+    """Run ``await fn(nc, js)`` on a fresh connection (for inspecting streams)."""
+    import asyncio
+
+    import nats
+
+    async def main() -> Any:
+        nc = await nats.connect(url, **connect)
+        try:
+            return await fn(nc, nc.jetstream())
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
+def stored_results(url: str) -> int:
+    """Results ever stored in NOODLE_RESULTS (its last sequence number)."""
+
+    async def last_seq(nc: Any, js: Any) -> int:
+        return int((await js.stream_info("NOODLE_RESULTS")).state.last_seq)
+
+    return int(js_run(url, last_seq))
+
+
+def dead_letters(url: str) -> list[tuple[str, dict[str, str], bytes]]:
+    async def read(nc: Any, js: Any) -> list[tuple[str, dict[str, str], bytes]]:
+        info = await js.stream_info("NOODLE_DEAD")
+        out = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            if info.state.messages == 0:
+                break
+            raw = await js.get_msg("NOODLE_DEAD", seq)
+            out.append((raw.subject, dict(raw.headers or {}), raw.data or b""))
+        return out
+
+    return list(js_run(url, read))
+
+
+def instance_pool(text: str) -> str:
+    """A job can tell which host ran it: its instance's process title is
+    'noodle instance <pool> <slot>'."""
+    words = text.replace("\0", " ").split()
+    return words[words.index("instance") + 1] if "instance" in words else ""
+
+
+WHO = "open('/proc/self/cmdline').read()"
