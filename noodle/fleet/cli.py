@@ -74,7 +74,16 @@ def _cfg(args: argparse.Namespace, **overrides: Any) -> Any:
     return config.load(getattr(args, "fleet_config", None), getattr(args, "nats", None), **overrides)
 
 
+def _exit_quietly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    # stopped while still starting (nothing fetched yet): a clean exit; the
+    # serve's own handlers take over once it runs
+    signal.signal(signal.SIGTERM, _exit_quietly)
     from noodle import log as logmod
     from noodle.fleet import serve
 

@@ -131,14 +131,17 @@ class Host:
         self.name = name
         self.tmp = tmp
         self.nats = nats
+        self.pool_size = pool_size
         self.sup = Supervisor(name, run_root, ["--pool-size", str(pool_size)], None, tmp / f"{name}.sup.log")
         self.pool = self.sup.attach()
         self.cfg = fleet_toml(tmp / f"{name}.fleet.toml", classes=list(classes), host=name, **settings)
         self.serve_log = tmp / f"{name}.serve.log"
         self.serve: subprocess.Popen[bytes] | None = None
+        self.serve_starts = 0
         self.start_serve()
 
     def start_serve(self) -> None:
+        self.serve_starts += 1
         log = open(self.serve_log, "ab")
         env = dict(os.environ, PYTHONPATH=str(REPO))
         cmd = [sys.executable, "-m", "noodle", "serve", "--name", self.name, "--nats", self.nats.url,
@@ -163,21 +166,31 @@ class Host:
         self.sup.proc.wait()
         self.sup.log.close()
 
+    def restart_host(self) -> None:
+        """Bring a killed host back as after a reboot: a new supervisor of
+        the same name (it sweeps what the dead one left), then its serve."""
+        self.sup = Supervisor(self.name, self.sup.run_root, ["--pool-size", str(self.pool_size)], None,
+                              self.tmp / f"{self.name}.sup2.log")  # fmt: skip
+        self.pool = self.sup.attach()
+        self.start_serve()
+
     def stop(self) -> None:
-        if self.serve is not None and self.serve.poll() is None:
-            self.serve.send_signal(signal.SIGTERM)
-            try:
-                code = self.serve.wait(60)
-            except subprocess.TimeoutExpired:
-                self.serve.kill()
-                self.serve.wait()
-                raise AssertionError(f"serve {self.name} did not stop:\n{self.serve_log_text()}") from None
-            assert code == 0, f"serve {self.name} exited {code}:\n{self.serve_log_text()}"
-        if not self.pool.closed:
-            self.pool.close()
-        if self.sup.proc.poll() is None:
-            code = self.sup.stop()
-            assert code == 0, f"supervisor {self.name} exited {code}:\n{self.sup.logtext()}"
+        try:
+            if self.serve is not None and self.serve.poll() is None:
+                self.serve.send_signal(signal.SIGTERM)
+                try:
+                    code = self.serve.wait(60)
+                except subprocess.TimeoutExpired:
+                    self.serve.kill()
+                    self.serve.wait()
+                    raise AssertionError(f"serve {self.name} did not stop:\n{self.serve_log_text()}") from None
+                assert code == 0, f"serve {self.name} exited {code}:\n{self.serve_log_text()}"
+        finally:
+            if not self.pool.closed:
+                self.pool.close()
+            if self.sup.proc.poll() is None:
+                code = self.sup.stop()
+                assert code == 0, f"supervisor {self.name} exited {code}:\n{self.sup.logtext()}"
 
 
 @pytest.fixture
@@ -209,7 +222,8 @@ def fleet(pool_name: str, run_root: str, tmp_path: Path, nats_server: NatsServer
 
 def wait_serving(host: Host, timeout: float = 60.0) -> None:
     def up() -> bool:
-        return "serving pool" in host.serve_log_text() or (host.serve is not None and host.serve.poll() is not None)
+        exited = host.serve is not None and host.serve.poll() is not None
+        return exited or host.serve_log_text().count("serving pool") >= host.serve_starts
 
     wait_for(up, timeout, f"serve {host.name} to start")
     assert host.serve is not None and host.serve.poll() is None, host.serve_log_text()

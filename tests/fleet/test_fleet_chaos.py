@@ -1,0 +1,75 @@
+"""Chaos through the fleet: three hosts (each its own supervisor and serve),
+jobs in flight, then a serve SIGKILLed, a whole host SIGKILLed, or the NATS
+server restarted. Every future must complete with the right result, each job
+id resolved once and its result stored once, and nothing left of any host."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import wait_for
+from tests.fleet.conftest import Host, NatsServer, stored_results, wait_serving
+
+JOBS = 30
+
+
+def run_through(nats_server: NatsServer, hosts: list[Host], fault: Callable[[], None], runs: Path) -> int:
+    """Returns how many times jobs ran (more than JOBS: some were re-run)."""
+    from noodle.fleet import Executor
+
+    for h in hosts:
+        wait_serving(h)
+    with Executor(nats_server.url) as ex:
+        futs = [ex.submit_source(f"import time\nopen({str(runs)!r}, 'a').write('{i}\\n')\ntime.sleep(0.5)\n{i} * {i}")
+                for i in range(JOBS)]  # fmt: skip
+        wait_for(lambda: sum(f.done() for f in futs) >= 4, 120, "the first results")
+        fault()
+        results = [f.result(300).result for f in futs]
+        stats = ex.stats
+    assert results == [i * i for i in range(JOBS)]
+    assert stats["delivered"] == JOBS and stats["pending"] == 0, stats  # each job id resolved exactly once
+    assert stored_results(nats_server.url) == JOBS  # and its result stored once
+    ran = runs.read_text().split()
+    assert set(ran) == {str(i) for i in range(JOBS)}
+    return len(ran)
+
+
+def busy(host: Host) -> None:
+    wait_for(lambda: host.pool.stats()["states"]["leased"] > 0, 60, f"{host.name} to run jobs")
+
+
+def test_serve_sigkilled_mid_jobs(nats_server: NatsServer, fleet: Any, tmp_path: Path) -> None:
+    hosts = [fleet(pool_size=3) for _ in range(3)]
+
+    def fault() -> None:
+        busy(hosts[0])
+        hosts[0].kill_serve()
+        time.sleep(1.0)
+        hosts[0].start_serve()  # as systemd's Restart=on-failure would
+
+    # the jobs it had leased instances for ran again elsewhere after the ack wait
+    assert run_through(nats_server, hosts, fault, tmp_path / "runs") > JOBS
+    wait_serving(hosts[0])
+
+
+def test_whole_host_sigkilled_mid_jobs(nats_server: NatsServer, fleet: Any, tmp_path: Path) -> None:
+    hosts = [fleet(pool_size=3) for _ in range(3)]
+
+    def fault() -> None:
+        busy(hosts[1])
+        hosts[1].kill_host()
+
+    assert run_through(nats_server, hosts, fault, tmp_path / "runs") > JOBS
+    hosts[1].restart_host()  # its successor sweeps the dead supervisor's instances
+    wait_serving(hosts[1])
+
+
+def test_nats_server_restarted_mid_run(nats_server: NatsServer, fleet: Any, tmp_path: Path) -> None:
+    hosts = [fleet(pool_size=3) for _ in range(3)]
+    run_through(nats_server, hosts, lambda: nats_server.restart(down_for=1.0), tmp_path / "runs")
+    for h in hosts:
+        assert h.serve is not None and h.serve.poll() is None, h.serve_log_text()
+        assert "disconnected" in h.serve_log_text()
