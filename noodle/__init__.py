@@ -16,12 +16,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from noodle.errors import (
+    BadPayload,
     ConfigError,
     DescriptorTooLarge,
     InstanceError,
     InstanceGone,
     InstanceTimeout,
     KindUnavailable,
+    KindUnsupported,
     LayoutMismatch,
     LeaseReleased,
     NoodleError,
@@ -35,20 +37,25 @@ from noodle.errors import (
     SlotOutOfRange,
     StepFailed,
     UnknownKind,
+    UnsafeResult,
 )
 
 if TYPE_CHECKING:
     from noodle.client import Lease, Pool, attach
+    from noodle.executor import Executor
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BadPayload",
     "ConfigError",
     "DescriptorTooLarge",
+    "Executor",
     "InstanceError",
     "InstanceGone",
     "InstanceTimeout",
     "KindUnavailable",
+    "KindUnsupported",
     "LayoutMismatch",
     "Lease",
     "LeaseReleased",
@@ -64,6 +71,7 @@ __all__ = [
     "SlotOutOfRange",
     "StepFailed",
     "UnknownKind",
+    "UnsafeResult",
     "attach",
 ]
 
@@ -73,4 +81,8 @@ def __getattr__(name: str) -> Any:
         from noodle import client
 
         return getattr(client, name)
+    if name == "Executor":
+        from noodle.executor import Executor
+
+        return Executor
     raise AttributeError(f"module 'noodle' has no attribute {name!r}")

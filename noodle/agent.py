@@ -12,8 +12,21 @@ message::
 
 Requests carry ``op``: ``ping``, ``run`` (Python source; the value of a
 trailing expression is the result), ``call`` (``"pkg.mod:func"`` with args
-and kwargs) and ``exec`` (an argv, returning exit code and output). Each
-reply has ``ok``; a failure carries ``error: {type, message, traceback}``.
+and kwargs), ``task`` (a task payload from ``noodle.codec.encode_task``) and
+``exec`` (an argv, returning exit code and output). Each reply has ``ok``; a
+request the agent could not serve carries ``error: {type, message,
+traceback}``. ``run``, ``call`` and ``task`` answer ``{"ok": true,
+"payload": base64}``: a result payload (``noodle.codec`` documents it) that
+holds the value or the exception and the captured output, encoded as plain
+data, or pickled when the request says ``"results": "pickle"`` (the caller
+trusts this instance). The encoding half of the codec lives here because
+this file must run alone inside sandboxes; ``noodle.codec`` decodes.
+
+Output of ``run``, ``call``, ``task`` and ``exec`` is kept up to
+``OUTPUT_CAP`` characters per stream; the rest is dropped inside the
+instance and a marker line says how much. A result payload larger than
+``RESULT_CAP`` bytes is replaced by an error.
+
 The instance is single-use, so state kept between calls of one lease (the
 ``run`` namespace) is fine: the whole process is destroyed on release.
 """
@@ -21,20 +34,38 @@ The instance is single-use, so state kept between calls of one lease (the
 from __future__ import annotations
 
 import ast
+import base64
 import contextlib
+import datetime
 import importlib
 import io
 import json
 import os
+import pickle
 import socket
 import struct
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 MAX_FRAME = 64 * 1024 * 1024
 _LEN = struct.Struct(">I")
+# frames of modules that set this are cut from the front of remote tracebacks
+__noodle_internal__ = True
+
+OUTPUT_CAP = 1 << 20  # characters kept per stream (stdout, stderr) of one request
+RESULT_CAP = 32 << 20  # bytes of one encoded result payload (base64 must fit MAX_FRAME)
+TASK_MAGIC = b"NTK1"
+RESULT_MAGIC = b"NRS1"
+PLAIN = b"S"  # plain-data encoding: decodable without running any code
+PICKLED = b"P"  # pickle: only for a caller that trusts the instance
+MAX_DEPTH = 200
+_SEQ_TAGS: dict[type, bytes] = {list: b"l", tuple: b"t", set: b"e", frozenset: b"z"}
+_U32 = struct.Struct(">I")
+_F64 = struct.Struct(">d")
+_C128 = struct.Struct(">dd")
 
 
 class ProtocolError(Exception):
@@ -78,19 +109,223 @@ def _read_exact(rfile: BinaryIO, n: int, allow_eof: bool) -> bytes | None:
     return bytes(buf)
 
 
-def _jsonable(value: Any) -> Any:
+class NotPlain(TypeError):
+    """A value is not plain data (see ``dumps_plain``)."""
+
+
+def dumps_plain(value: Any) -> bytes:
+    """Encode plain data: None, bool, int, float, complex, str, bytes, list,
+    tuple, dict, set, frozenset, datetime.datetime/date/time/timedelta and
+    nestings of these (exact types only: a subclass may carry code). Anything
+    else raises NotPlain naming the type and where it sits."""
+    out: list[bytes] = []
+    _put(value, out, 0, "result")
+    return b"".join(out)
+
+
+def _put(v: Any, out: list[bytes], depth: int, where: str) -> None:
+    if depth > MAX_DEPTH:
+        raise NotPlain(f"{where}: nested deeper than {MAX_DEPTH} levels (or cyclic)")
+    t = type(v)
+    if v is None:
+        out.append(b"N")
+    elif t is bool:
+        out.append(b"T" if v else b"F")
+    elif t is int:
+        out.append(b"i")
+        _put_bytes(v.to_bytes((v.bit_length() + 8) // 8, "big", signed=True), out)
+    elif t is float:
+        out.append(b"f" + _F64.pack(v))
+    elif t is complex:
+        out.append(b"c" + _C128.pack(v.real, v.imag))
+    elif t is str:
+        out.append(b"s")
+        _put_bytes(v.encode("utf-8", "surrogatepass"), out)
+    elif t is bytes:
+        out.append(b"b")
+        _put_bytes(v, out)
+    elif t is list or t is tuple or t is set or t is frozenset:
+        out.append(_SEQ_TAGS[t] + _U32.pack(len(v)))
+        for i, item in enumerate(v):
+            _put(item, out, depth + 1, f"{where}[{i}]" if t in (list, tuple) else f"{where} item")
+    elif t is dict:
+        out.append(b"d" + _U32.pack(len(v)))
+        for key, item in v.items():
+            _put(key, out, depth + 1, f"{where} key")
+            _put(item, out, depth + 1, f"{where}[{key!r:.40}]")
+    elif t is datetime.datetime or t is datetime.date or t is datetime.time:
+        if t is not datetime.date and v.tzinfo is not None:
+            offset = v.utcoffset()
+            if offset is None:
+                raise NotPlain(f"{where}: a {t.__name__} with tzinfo {v.tzinfo!r} has no fixed offset")
+            v = v.replace(tzinfo=datetime.timezone(offset))
+        out.append({datetime.datetime: b"D", datetime.date: b"a", datetime.time: b"m"}[t])
+        _put_bytes(v.isoformat().encode(), out)
+    elif t is datetime.timedelta:
+        out.append(b"r")
+        _put_bytes(f"{v.days} {v.seconds} {v.microseconds}".encode(), out)
+    else:
+        raise NotPlain(f"{where} is a {t.__module__}.{t.__qualname__}, not plain data")
+
+
+def _put_bytes(b: bytes, out: list[bytes]) -> None:
+    out.append(_U32.pack(len(b)))
+    out.append(b)
+
+
+class _CappedText(io.TextIOBase):
+    """A text stream keeping the first ``cap`` characters and counting the rest."""
+
+    def __init__(self, cap: int) -> None:
+        self._parts: list[str] = []
+        self._room = cap
+        self.dropped = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        s = str(s)
+        if self._room > 0:
+            kept = s[: self._room]
+            self._parts.append(kept)
+            self._room -= len(kept)
+            self.dropped += len(s) - len(kept)
+        else:
+            self.dropped += len(s)
+        return len(s)
+
+    def getvalue(self) -> str:
+        text = "".join(self._parts)
+        if self.dropped:
+            text += f"\n[noodle: output truncated inside the instance: {self.dropped} more characters dropped]\n"
+        return text
+
+
+def _truncated(data: bytes, cap: int) -> str:
+    text = data.decode(errors="replace")
+    if len(text) <= cap:
+        return text
+    return text[:cap] + f"\n[noodle: output truncated inside the instance: {len(text) - cap} more characters dropped]\n"
+
+
+def remote_traceback(exc: BaseException) -> str:
+    """The exception's traceback without the agent's and codec's own frames."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_globals.get("__noodle_internal__"):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def describe_error(exc: BaseException) -> dict[str, Any]:
+    """What crosses for an exception in plain form: its class by name, plain
+    args (or its message), message and traceback text."""
+    cls = type(exc)
     try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
-    return value
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not lose the error
+        message = f"<unprintable {cls.__qualname__}>"
+    args: list[Any] = list(exc.args)
+    try:
+        dumps_plain(args)
+    except (NotPlain, RecursionError):
+        args = [message]
+    return {
+        "module": cls.__module__,
+        "name": cls.__qualname__,
+        "args": args,
+        "message": message,
+        "traceback": remote_traceback(exc),
+    }
+
+
+def _unsafe_error(detail: str) -> dict[str, Any]:
+    message = (
+        f"{detail}; an instance returns only None, bool, int, float, complex, str, bytes, list, tuple,"
+        " dict, set, frozenset, datetime values and nestings of these, unless the caller trusts it"
+        " (trust_results=True, which unpickles)"
+    )
+    return {"module": "noodle.errors", "name": "UnsafeResult", "args": [message], "message": message, "traceback": ""}
+
+
+def encode_outcome(ok: bool, value: Any, exc: BaseException | None, stdout: str, stderr: str, pickled: bool) -> bytes:
+    """A result payload: RESULT_MAGIC, the encoding byte, then the record
+    ``{ok, value | error, stdout, stderr}`` (pickled: plus ``exception``)."""
+    record: dict[str, Any] = {"ok": ok, "stdout": stdout, "stderr": stderr}
+    if ok:
+        record["value"] = value
+    else:
+        assert exc is not None
+        record["error"] = describe_error(exc)
+    if pickled:
+        if exc is not None:
+            record["exception"] = exc
+        body = _pickle_record(record)
+        tag = PICKLED
+    else:
+        try:
+            body = dumps_plain(record)
+        except (NotPlain, RecursionError) as e:
+            detail = str(e).replace("result['value']", "the result", 1)
+            record = {"ok": False, "error": _unsafe_error(detail), "stdout": stdout, "stderr": stderr}
+            body = dumps_plain(record)
+        tag = PLAIN
+    if len(body) > RESULT_CAP:
+        detail = f"the result payload is {len(body)} bytes, over the agent's RESULT_CAP of {RESULT_CAP}"
+        error = {"module": "builtins", "name": "ValueError", "args": [detail], "message": detail, "traceback": ""}
+        return RESULT_MAGIC + PLAIN + dumps_plain({"ok": False, "error": error, "stdout": stdout, "stderr": stderr})
+    return RESULT_MAGIC + tag + body
+
+
+def _pickle_record(record: dict[str, Any]) -> bytes:
+    try:
+        return pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:  # noqa: BLE001 - any object may refuse pickling, in any way
+        if "exception" in record:
+            record.pop("exception")  # its class or args do not pickle: the plain description stays
+            return _pickle_record(record)
+        detail = f"the result could not be pickled: {type(e).__name__}: {e}"
+        error = {"module": "builtins", "name": "TypeError", "args": [detail], "message": detail, "traceback": ""}
+        return pickle.dumps({**record, "ok": False, "value": None, "error": error})
+
+
+@contextlib.contextmanager
+def _capture(cap: int) -> Iterator[tuple[_CappedText, _CappedText]]:
+    out, err = _CappedText(cap), _CappedText(cap)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        yield out, err
+
+
+def run_captured(fn: Callable[[], Any], pickled: bool, output_cap: int = OUTPUT_CAP) -> bytes:
+    """Call ``fn`` with its output captured; the outcome as a result payload.
+    Never raises: whatever ``fn`` raises is the payload's error."""
+    with _capture(output_cap) as (out, err):
+        try:
+            value = fn()
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
+            return encode_outcome(False, None, exc, out.getvalue(), err.getvalue(), pickled)
+    return encode_outcome(True, value, None, out.getvalue(), err.getvalue(), pickled)
+
+
+def run_task(payload: bytes, output_cap: int = OUTPUT_CAP) -> bytes:
+    """Run a task payload (TASK_MAGIC, the result mode byte, pickled
+    ``(fn, args, kwargs)``) and return its result payload. Never raises."""
+    pickled = payload[len(TASK_MAGIC) : len(TASK_MAGIC) + 1] == PICKLED
+
+    def call() -> Any:
+        if not payload.startswith(TASK_MAGIC) or payload[len(TASK_MAGIC) : len(TASK_MAGIC) + 1] not in (PLAIN, PICKLED):
+            raise ValueError("not a task payload (bad magic or result mode)")
+        fn, args, kwargs = pickle.loads(payload[len(TASK_MAGIC) + 1 :])  # noqa: S301 - the caller is trusted in here
+        return fn(*args, **kwargs)
+
+    return run_captured(call, pickled, output_cap)
 
 
 def _error(exc: BaseException) -> dict[str, Any]:
     return {
         "type": type(exc).__name__,
         "message": str(exc),
-        "traceback": "".join(traceback.format_exception(exc)),
+        "traceback": remote_traceback(exc),
     }
 
 
@@ -108,22 +343,22 @@ class Agent:
         op = req.get("op")
         if op == "ping":
             return {"ok": True, "pid": os.getpid()}
-        if op == "run":
-            return self._captured(lambda: self._run(str(req.get("source", ""))))
-        if op == "call":
-            return self._captured(lambda: self._call(req))
+        if op in ("run", "call"):
+            pickled = req.get("results") == "pickle"
+            if op == "run":
+                payload = run_captured(lambda: self._run(str(req.get("source", ""))), pickled)
+            else:
+                payload = run_captured(lambda: self._call(req), pickled)
+            return {"ok": True, "payload": base64.b64encode(payload).decode()}
+        if op == "task":
+            try:
+                task = base64.b64decode(str(req.get("payload", "")), validate=True)
+            except ValueError as exc:
+                return _failure("ProtocolError", f"task payload is not base64: {exc}")
+            return {"ok": True, "payload": base64.b64encode(run_task(task)).decode()}
         if op == "exec":
             return self._exec(req)
         return _failure("ProtocolError", f"unknown op {op!r}")
-
-    def _captured(self, fn: Any) -> dict[str, Any]:
-        out, err = io.StringIO(), io.StringIO()
-        try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                result = fn()
-        except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
-            return {"ok": False, "stdout": out.getvalue(), "stderr": err.getvalue(), "error": _error(exc)}
-        return {"ok": True, "stdout": out.getvalue(), "stderr": err.getvalue(), "result": _jsonable(result)}
 
     def _run(self, source: str) -> Any:
         tree = ast.parse(source, "<noodle>", "exec")
@@ -160,8 +395,8 @@ class Agent:
         return {
             "ok": True,
             "returncode": proc.returncode,
-            "stdout": proc.stdout.decode(errors="replace"),
-            "stderr": proc.stderr.decode(errors="replace"),
+            "stdout": _truncated(proc.stdout, OUTPUT_CAP),
+            "stderr": _truncated(proc.stderr, OUTPUT_CAP),
         }
 
 
@@ -211,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stdio", action="store_true", help="serve one stream on stdin/stdout")
     parser.add_argument("--ready-fd", type=int, help="write one byte to this fd once listening")
     args = parser.parse_args(argv)
+    # run as a script (in sandboxes, often with -I): modules staged next to
+    # this file (cloudpickle, for tasks) must import
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not __package__ and here not in sys.path:
+        sys.path.append(here)
     if args.stdio:
         serve_stream(sys.stdin.buffer, sys.stdout.buffer)
         return 0

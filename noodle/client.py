@@ -9,7 +9,6 @@ full the supervisor finds the slot in the table and feeds it later.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -96,6 +95,14 @@ class Lease:
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()
 
     def __del__(self) -> None:
@@ -195,16 +202,15 @@ class Pool:
             return lease
 
     async def aget(self, timeout: float | None = _UNSET, health: bool | None = None) -> Lease:
-        """``get()`` for asyncio: waits in a thread, never blocks the loop.
-        If the awaiting task is cancelled, a lease that arrives late is
-        released at once, so cancellation never leaks an instance."""
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(None, lambda: self.get(timeout, health))
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            fut.add_done_callback(_release_orphan)
-            raise
+        """``get()`` for asyncio, without a thread per waiter: one waiter
+        thread per Pool serves every asyncio waiter in order (``noodle.aio``).
+        Cancelling it never leaks an instance. ``async with await
+        pool.aget() as lease:`` releases on exit."""
+        from noodle import aio
+
+        self._live_seg()
+        limit = self._default_timeout if timeout is _UNSET else timeout
+        return await aio.aget(self, limit, health, self._default_health)
 
     def _release(self, slot: int, gen: int) -> bool:
         seg = self._live_seg()
@@ -241,11 +247,6 @@ class Pool:
 
     def _handle(self, descriptor: Mapping[str, Any]) -> Any:
         return self._kind.client_handle(descriptor) if self._kind is not None else None
-
-
-def _release_orphan(fut: asyncio.Future[Lease]) -> None:
-    if not fut.cancelled() and fut.exception() is None:
-        fut.result().release()
 
 
 def attach(name: str) -> Pool:

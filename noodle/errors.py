@@ -94,12 +94,35 @@ class LeaseReleased(NoodleError):
 
 class InstanceError(NoodleError):
     """Raised when code run inside an instance raised; carries the remote
-    exception's type name and traceback text."""
+    exception's type name, its traceback text (the agent's own frames cut)
+    and what the code printed before it (``stdout``, ``stderr``)."""
 
-    def __init__(self, message: str, remote_type: str = "", remote_traceback: str = "") -> None:
+    def __init__(
+        self, message: str, remote_type: str = "", remote_traceback: str = "", stdout: str = "", stderr: str = ""
+    ) -> None:
         super().__init__(message)
         self.remote_type = remote_type
         self.remote_traceback = remote_traceback
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+class UnsafeResult(NoodleError, TypeError):
+    """Raised when an instance's result is not plain data (None, bool, int,
+    float, str, bytes, list, tuple, dict, set, datetime and nestings) and
+    the caller does not trust the instance: a pickle from an isolating kind
+    is never opened, because unpickling runs code the sender chooses. The
+    message names the type; ``trust_results=True`` opts in to pickles."""
+
+
+class BadPayload(NoodleError, ValueError):
+    """Raised when a task or result payload is malformed: wrong magic,
+    unknown tag, a length past the end, trailing bytes, too deep."""
+
+
+class KindUnsupported(NoodleError, TypeError):
+    """Raised when an API needs something the pool's kind does not offer,
+    e.g. ``noodle.Executor`` on a kind whose instances do not run Python."""
 
 
 class InstanceTimeout(NoodleError, TimeoutError):

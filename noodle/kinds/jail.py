@@ -394,6 +394,8 @@ class JailKind(Kind):
         if self._python_prefix is not None:
             argv += ["--ro-bind", self._python_prefix, INSIDE_PYTHON]
         argv += ["--ro-bind", AGENT_FILE, INSIDE_AGENT]
+        for host, inside in _library_binds():
+            argv += ["--ro-bind", host, inside]
         for path in o["ro_binds"]:
             argv += ["--ro-bind", path, path]
         argv += ["--bind", sock, "/run/noodle"]
@@ -429,6 +431,8 @@ class JailKind(Kind):
         if self._python_prefix is not None:
             binds += [self._python_prefix, INSIDE_PYTHON]
         binds += [AGENT_FILE, INSIDE_AGENT]
+        for host, inside in _library_binds():
+            binds += [host, inside]
         for path in o["ro_binds"]:
             binds += [path, path]
         flags = ["--pid", "--fork", "--mount", "--ipc", "--uts", "--cgroup", "--propagation", "private"]
@@ -468,6 +472,14 @@ if command -v ip >/dev/null 2>&1; then ip link set lo up; fi
 cd "$R"
 exec chroot "$R" /bin/sh -c 'cd /home/sandbox && exec "$@"' sh "$@"
 """
+
+
+def _library_binds() -> list[tuple[str, str]]:
+    """(host, inside) read-only binds next to the agent: what tasks need to
+    unpickle (cloudpickle), from the host's installation."""
+    from noodle.codec import instance_library
+
+    return [(host, os.path.join(os.path.dirname(INSIDE_AGENT), name)) for host, name in instance_library()]
 
 
 def _python_paths(python: str | None) -> tuple[str | None, str]:

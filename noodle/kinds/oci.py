@@ -475,6 +475,9 @@ class OciKind(Kind):
         assert agent_src is not None
         shutil.copyfile(agent_src, os.path.join(agent_dir, "agent.py"))
         os.chmod(os.path.join(agent_dir, "agent.py"), 0o644)
+        from noodle.codec import stage_instance_library
+
+        stage_instance_library(agent_dir)  # what tasks need to unpickle (cloudpickle)
 
         sock_dir = os.path.dirname(sock_path)
         os.makedirs(sock_dir, exist_ok=True)

@@ -149,7 +149,8 @@ class ProcessKind(Kind):
 
     @classmethod
     def client_handle(cls, descriptor: Mapping[str, Any]) -> AgentHandle:
-        return AgentHandle(str(descriptor["socket"]))
+        # isolates nothing, so it shares the caller's trust: results are pickled
+        return AgentHandle(str(descriptor["socket"]), trust_results=True)
 
     @classmethod
     def client_health(cls, descriptor: Mapping[str, Any], timeout: float) -> bool:
