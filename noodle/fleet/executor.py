@@ -4,8 +4,10 @@ Each task becomes one job on ``noodle.jobs.<pool_class>``; whichever host
 has a ready instance of that class runs it in a fresh instance and the
 result comes back decoded by the same safe rules as ``noodle.Executor``
 (plain data unless ``trust_results=True``; the task's exception re-raised
-with its remote traceback). The connection lives on a private loop thread;
-``AsyncExecutor`` is the same on the caller's own loop.
+with its remote traceback; past ``timeout`` InstanceTimeout). The caller
+cannot know which kind of pool a host runs, so unlike ``noodle.Executor``
+pickled results are never the default. The connection lives on a private
+loop thread; ``AsyncExecutor`` is the same on the caller's own loop.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ T = TypeVar("T")
 def _config(servers: str | list[str] | None, config: str | None) -> FleetConfig:
     joined = ",".join(servers) if isinstance(servers, list) else servers
     return fconfig.load(config, joined)
+
+
+def _check_timeout(timeout: float | None) -> float | None:
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be positive or None, got {timeout!r}")
+    return timeout
 
 
 def _future_resolver(fut: cf.Future[Any]) -> Callable[[bool, Any], None]:
@@ -56,7 +64,7 @@ class Executor(cf.Executor):
         trust_results: bool = False,
         config: str | None = None,
     ) -> None:
-        self.timeout = timeout
+        self.timeout = _check_timeout(timeout)
         self.trust_results = trust_results
         self._client = FleetClient(_config(servers, config), pool_class, trust_results)
         self._loop = asyncio.new_event_loop()
@@ -165,7 +173,7 @@ class AsyncExecutor:
         trust_results: bool = False,
         config: str | None = None,
     ) -> None:
-        self.timeout = timeout
+        self.timeout = _check_timeout(timeout)
         self.trust_results = trust_results
         self._client = FleetClient(_config(servers, config), pool_class, trust_results)
         self._started = False

@@ -4,7 +4,7 @@ Two formats, named in the job's ``Noodle-Format`` header:
 
 * ``source/1``: Python source (what ``noodle submit`` sends); runs like
   ``noodle exec``; the result carries the value of a trailing expression and
-  the captured output.
+  the captured output, in the codec's plain encoding (never a pickle).
 * ``call/1``: a callable with its arguments, in the task format of
   ``noodle.Executor`` (``noodle.codec``); the result is decoded by the same
   safe rules as there.
@@ -16,11 +16,11 @@ instance (it died, the connection broke) is not a result: ``run`` raises
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from noodle.errors import InstanceError, InstanceTimeout, NoodleError
-from noodle.fleet.wire import STATUS_OK, STATUS_RAISED
+from noodle import codec
+from noodle.errors import BadPayload, InstanceError, InstanceTimeout, NoodleError
+from noodle.fleet.wire import STATUS_OK, STATUS_RAISED, STATUS_TIMEOUT
 from noodle.handle import RunResult
 
 FORMAT_SOURCE = "source/1"
@@ -44,8 +44,6 @@ def encode_source(source: str) -> tuple[str, bytes]:
 def encode_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], trust: bool) -> tuple[str, bytes]:
     """``trust`` asks the instance to pickle its result (decoded only by a
     caller that trusts it, as ``noodle.Executor(trust_results=True)``)."""
-    from noodle import codec
-
     return FORMAT_CALL, codec.encode_task(fn, args, kwargs, pickle_results=trust)
 
 
@@ -58,6 +56,10 @@ def run(instance: Any, fmt: str, data: bytes, timeout: float) -> tuple[str, byte
     raise BadJob(f"unknown job format {fmt!r} (known: {', '.join(FORMATS)})")
 
 
+def _timed_out(timeout: float) -> bytes:
+    return f"the job did not finish within its timeout of {timeout} s; its instance was terminated".encode()
+
+
 def _run_source(instance: Any, data: bytes, timeout: float) -> tuple[str, bytes]:
     try:
         source = data.decode()
@@ -68,13 +70,17 @@ def _run_source(instance: Any, data: bytes, timeout: float) -> tuple[str, bytes]
     try:
         res = instance.run(source, timeout=timeout)
     except InstanceError as exc:
-        err = {"type": exc.remote_type, "message": str(exc), "traceback": exc.remote_traceback}
-        return STATUS_RAISED, json.dumps(err).encode()
-    except InstanceTimeout as exc:
-        err = {"type": "TimeoutError", "message": str(exc), "traceback": ""}
-        return STATUS_RAISED, json.dumps(err).encode()
-    out = {"result": res.result, "stdout": res.stdout, "stderr": res.stderr}
-    return STATUS_OK, json.dumps(out, default=repr).encode()
+        err = {"type": exc.remote_type, "message": str(exc), "traceback": exc.remote_traceback,
+               "stdout": exc.stdout, "stderr": exc.stderr}  # fmt: skip
+        return STATUS_RAISED, codec.dumps_plain(err)
+    except InstanceTimeout:
+        return STATUS_TIMEOUT, _timed_out(timeout)
+    value = res.result
+    try:
+        body = codec.dumps_plain({"result": value, "stdout": res.stdout, "stderr": res.stderr})
+    except codec.NotPlain:
+        body = codec.dumps_plain({"result": repr(value), "stdout": res.stdout, "stderr": res.stderr})
+    return STATUS_OK, body
 
 
 def _run_call(instance: Any, data: bytes, timeout: float) -> tuple[str, bytes]:
@@ -82,34 +88,31 @@ def _run_call(instance: Any, data: bytes, timeout: float) -> tuple[str, bytes]:
         raise BadJob("this host's pool runs no Python; a call job needs a kind whose instance runs the agent")
     try:
         return STATUS_OK, bytes(instance.task(data, timeout))
-    except InstanceTimeout as exc:
-        return STATUS_RAISED, f"the task ran longer than {timeout} s: {exc}".encode()
+    except InstanceTimeout:
+        return STATUS_TIMEOUT, _timed_out(timeout)
 
 
 def decode(fmt: str, status: str, data: bytes, trust: bool = False) -> Any:
     """The job's value, or its exception raised (by the safe rules of
     ``noodle.codec``: a pickled result only with ``trust``)."""
+    if status == STATUS_TIMEOUT:
+        raise InstanceTimeout(data.decode(errors="replace"))
     if fmt == FORMAT_CALL:
-        from noodle import codec
-
-        if status == STATUS_RAISED:
-            raise TimeoutError(data.decode(errors="replace"))
         if status != STATUS_OK:
             raise ResultUndecodable(f"unknown result status {status!r}")
         return codec.decode_result(data, trust=trust)
     if fmt == FORMAT_SOURCE:
         try:
-            obj = json.loads(data)
-        except ValueError as exc:
-            raise ResultUndecodable(f"source result is not JSON: {exc}") from None
+            obj = codec.loads_plain(data)
+        except BadPayload as exc:
+            raise ResultUndecodable(f"source result: {exc}") from None
         if not isinstance(obj, dict):
-            raise ResultUndecodable("source result is not a JSON object")
+            raise ResultUndecodable("source result is not a mapping")
+        out, err = str(obj.get("stdout", "")), str(obj.get("stderr", ""))
         if status == STATUS_OK:
-            return RunResult(obj.get("result"), str(obj.get("stdout", "")), str(obj.get("stderr", "")))
+            return RunResult(obj.get("result"), out, err)
         if status == STATUS_RAISED:
-            if obj.get("type") == "TimeoutError":
-                raise TimeoutError(str(obj.get("message", "")))
             raise InstanceError(str(obj.get("message", "")), remote_type=str(obj.get("type", "")),
-                                remote_traceback=str(obj.get("traceback", "")))  # fmt: skip
+                                remote_traceback=str(obj.get("traceback", "")), stdout=out, stderr=err)  # fmt: skip
         raise ResultUndecodable(f"unknown result status {status!r}")
     raise ResultUndecodable(f"unknown job format {fmt!r}")

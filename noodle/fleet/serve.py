@@ -114,7 +114,7 @@ class Serve:
             loop.add_signal_handler(sig, self.request_stop)
         self._pool = pool = await self._attach()
         self._threads = ThreadPoolExecutor(max_workers=pool.pool_size + 1, thread_name_prefix="noodle-job")
-        nc = await wire.connect(self.cfg, f"noodle-serve {self.key}")
+        nc = await wire.connect(self.cfg, f"noodle-serve {self.key}", wait=None)
         self._js = js = nc.jetstream(timeout=5.0)
         try:
             await wire.ensure_streams(js, self.cfg)

@@ -11,6 +11,7 @@ stored once). A job that cannot run after ``max_deliver`` tries goes to
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -23,6 +24,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
+from noodle.errors import NoodleError
 from noodle.fleet.config import FleetConfig
 
 log = logging.getLogger("noodle.fleet")
@@ -35,14 +37,13 @@ H_ID = "Nats-Msg-Id"
 H_REPLY = "Noodle-Reply"  # where the caller listens (a stored message keeps no reply-to)
 H_FORMAT = "Noodle-Format"  # how the payload is encoded (see noodle.fleet.payload)
 H_TIMEOUT = "Noodle-Timeout"  # seconds the job may run
-H_TRUST = "Noodle-Trust"  # "1": the caller unpickles results (opt-in, like noodle.Executor)
-H_STATUS = "Noodle-Status"  # of a result: ok | raised | failed
+H_STATUS = "Noodle-Status"  # of a result: ok | raised | timeout | failed (could not run: dead-lettered)
 H_JOB = "Noodle-Job"
 H_HOST = "Noodle-Host"
 H_REASON = "Noodle-Reason"
 H_DELIVERIES = "Noodle-Deliveries"
 
-STATUS_OK, STATUS_RAISED, STATUS_FAILED = "ok", "raised", "failed"
+STATUS_OK, STATUS_RAISED, STATUS_TIMEOUT, STATUS_FAILED = "ok", "raised", "timeout", "failed"
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 
@@ -72,9 +73,16 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
-async def connect(cfg: FleetConfig, name: str, on_reconnect: Callable[[], Awaitable[None]] | None = None) -> NATS:
-    """Connect with the configured credentials; reconnect for ever (a server
-    restart must not end a serve or lose a caller's futures)."""
+class Unreachable(NoodleError, ConnectionError):
+    """Raised when no NATS server of the configured list answered in time
+    (or the credentials were refused)."""
+
+
+async def connect(cfg: FleetConfig, name: str, on_reconnect: Callable[[], Awaitable[None]] | None = None,
+                  wait: float | None = 15.0) -> NATS:  # fmt: skip
+    """Connect with the configured credentials; once connected, reconnect for
+    ever (a server restart must not end a serve or lose a caller's futures).
+    The first connection is given ``wait`` seconds (None: for ever)."""
 
     async def error_cb(exc: Exception) -> None:
         log.debug("nats: %s", exc)
@@ -87,17 +95,29 @@ async def connect(cfg: FleetConfig, name: str, on_reconnect: Callable[[], Awaita
         if on_reconnect is not None:
             await on_reconnect()
 
-    return await nats.connect(
+    nc = NATS()
+    attempt = nc.connect(
         servers=list(cfg.servers),
         name=name,
         error_cb=error_cb,
         disconnected_cb=disconnected_cb,
         reconnected_cb=reconnected_cb,
         max_reconnect_attempts=-1,
-        reconnect_time_wait=0.25,  # seconds (annotated int, used as float)
+        reconnect_time_wait=0.25,  # type: ignore[arg-type]  # seconds: annotated int, slept as a float
         connect_timeout=5,
         **cfg.connect_options(),
     )
+    try:
+        await asyncio.wait_for(attempt, wait)
+    except TimeoutError:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise Unreachable(f"no NATS server of {', '.join(cfg.servers)} accepted a connection within {wait} s") from None
+    except nats.errors.Error as exc:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise Unreachable(f"cannot connect to {', '.join(cfg.servers)}: {type(exc).__name__}: {exc}") from None
+    return nc
 
 
 async def _add_or_update_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
