@@ -87,10 +87,12 @@ class NatsServer:
 
 
 @pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+def nats_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NatsServer]:
+    """Parametrize indirectly with an ``authorization { ... }`` block to
+    start the server with credentials."""
     root = Path(os.path.join(tmp_path, "nats"))
     root.mkdir()
-    srv = NatsServer(root)
+    srv = NatsServer(root, auth=getattr(request, "param", ""))
     srv.start()
     yield srv
     srv.stop()
