@@ -88,7 +88,8 @@ async def connect(cfg: FleetConfig, name: str, on_reconnect: Callable[[], Awaita
         log.debug("nats: %s", exc)
 
     async def disconnected_cb() -> None:
-        log.warning("nats: disconnected; reconnecting")
+        if not nc.is_closed:
+            log.warning("nats: disconnected; reconnecting")
 
     async def reconnected_cb() -> None:
         log.info("nats: reconnected")
