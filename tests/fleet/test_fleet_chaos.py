@@ -73,3 +73,31 @@ def test_nats_server_restarted_mid_run(nats_server: NatsServer, fleet: Any, tmp_
     for h in hosts:
         assert h.serve is not None and h.serve.poll() is None, h.serve_log_text()
         assert "disconnected" in h.serve_log_text()
+
+
+def test_a_job_whose_hosts_all_die_is_dead_lettered(nats_server: NatsServer, fleet: Any, tmp_path: Path) -> None:
+    """max_deliver = 2 and the host running the job is killed both times:
+    the server's max-deliveries advisory makes a surviving serve
+    dead-letter it, and the caller's future fails instead of hanging."""
+    from noodle.fleet import Executor, JobFailed
+    from tests.fleet.conftest import dead_letters, instance_pool
+
+    hosts = {h.name: h for h in (fleet(pool_size=2, max_deliver=2) for _ in range(3))}
+    for h in hosts.values():
+        wait_serving(h)
+    marker = tmp_path / "ran-on"
+    src = f"open({str(marker)!r}, 'a').write(open('/proc/self/cmdline').read() + '\\n')\nimport time\ntime.sleep(600)"
+    with Executor(nats_server.url) as ex:
+        fut = ex.submit_source(src, job_id="doomed")
+        for n in (1, 2):
+            line = wait_for(lambda n=n: marker.exists() and len(lines := marker.read_text().splitlines()) >= n
+                            and lines[n - 1], 120, f"try {n} to start")  # fmt: skip
+            victim = hosts[instance_pool(line)]
+            victim.kill_serve()
+        try:
+            fut.result(120)
+            raise AssertionError("the job cannot have succeeded")
+        except JobFailed as exc:
+            assert "no answer after 2 tries" in exc.reason
+    dead = dead_letters(nats_server.url)
+    assert [h["Noodle-Job"] for _, h, _ in dead] == ["doomed"]
