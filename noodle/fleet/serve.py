@@ -40,6 +40,7 @@ from noodle.client import Lease, Pool
 from noodle.errors import InstanceGone, NoodleError, PoolNotFound, PoolShuttingDown, PoolStarved
 from noodle.fleet import payload, wire
 from noodle.fleet.config import FleetConfig
+from noodle.fleet.puller import Puller
 from noodle.systemd import Notifier
 
 log = logging.getLogger("noodle.fleet.serve")
@@ -121,7 +122,8 @@ class Serve:
             subs = {}
             for cls in self.cfg.classes:
                 await wire.ensure_consumer(js, self.cfg, cls)
-                subs[cls] = await js.pull_subscribe_bind(wire.consumer_name(cls), stream=self.cfg.stream)
+                subs[cls] = Puller(nc, self.cfg.stream, wire.consumer_name(cls))
+                await subs[cls].start()
             await nc.subscribe(f"{wire.MAX_DELIVERIES_ADVISORY}.{self.cfg.stream}.*", queue="noodle-dead-letter",
                                cb=self._on_max_deliveries)  # fmt: skip
             kv = await wire.fleet_bucket(js, self.cfg, create=True)
@@ -132,7 +134,10 @@ class Serve:
             status = asyncio.create_task(self._status_loop(kv))
             await self._stop.wait()
             log.info("stopping: no more fetches; waiting for %d running jobs", len(self._jobs))
-            for t in loops:
+            # a pull in flight is let finish (the server ends it within
+            # FETCH_WAIT): jobs delivered to it are run, not left to time out
+            _, late = await asyncio.wait(loops, timeout=FETCH_WAIT + 10.0)
+            for t in late:
                 t.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             if self._jobs:
@@ -173,22 +178,21 @@ class Serve:
                 self._reserved += n
                 return n
             await asyncio.sleep(CAPACITY_POLL)
-        raise asyncio.CancelledError
+        return 0  # stopping
 
-    async def _fetch_loop(self, cls: str, sub: JetStreamContext.PullSubscription) -> None:
+    async def _fetch_loop(self, cls: str, puller: Puller) -> None:
         while not self._stop.is_set():
             n = await self._reserve()
+            if n == 0:
+                return
             msgs: list[Msg] = []
             try:
-                msgs = await sub.fetch(n, timeout=FETCH_WAIT)
-            except nats.errors.TimeoutError:
-                pass
-            except (nats.errors.ConnectionClosedError, nats.errors.Error, OSError) as exc:
-                log.debug("fetch on %s: %s", cls, exc)
+                msgs = await puller.pull(n, FETCH_WAIT)
+            except (nats.errors.Error, OSError) as exc:
+                log.debug("pull on %s: %s", cls, exc)
                 await asyncio.sleep(0.2)
             finally:
                 self._reserved -= n
-            # late deliveries of an expired pull can exceed n; each is counted
             self._unstarted += len(msgs)
             self._note_headroom()
             for msg in msgs:
