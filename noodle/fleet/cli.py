@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
 import time
@@ -40,9 +41,54 @@ def _nats_flags(p: argparse.ArgumentParser, handler: Any = None) -> None:
     p.add_argument("--fleet-config", metavar="FILE", help="fleet TOML file (servers, classes, credentials)")
 
 
+SERVE_HELP = "take jobs from NATS JetStream into this host's pool (one per host and pool)"
+SUBMIT_HELP = "run Python source on the fleet and print its output"
+
+
 def register(sub: Any) -> None:
     """Add the fleet's commands and flags to ``noodle``'s sub-parsers."""
-    s = sub.add_parser("serve", help="take jobs from NATS JetStream into this host's pool (one per host and pool)")
+    _configure_serve(sub.add_parser("serve", help=SERVE_HELP))
+    _configure_submit(sub.add_parser("submit", help=SUBMIT_HELP))
+    if "status" in sub.choices:
+        _nats_flags(sub.choices["status"], handler=cmd_status)
+    if "unit" in sub.choices:
+        _serve_flag(sub.choices["unit"])
+
+
+def register_commands(cli: Any) -> None:
+    """The same through a command registry (``cli.register(cli.Command(name,
+    help, configure, run))``, ``cli.command(name)``): adds serve and submit,
+    and wraps status and unit with their fleet flags."""
+    Command = cli.Command
+    cli.register(Command("serve", SERVE_HELP, _configure_serve, _dispatch(None)))
+    cli.register(Command("submit", SUBMIT_HELP, _configure_submit, _dispatch(None)))
+    for name, extra in (("status", lambda p: _nats_flags(p, handler=cmd_status)), ("unit", _serve_flag)):
+        base = cli.command(name)
+
+        def configure(p: argparse.ArgumentParser, base: Any = base, extra: Any = extra) -> None:
+            base.configure(p)
+            extra(p)
+
+        cli.register(Command(name, base.help, configure, _dispatch(base.run)))
+    units = importlib.import_module("noodle.unit")
+    if hasattr(units, "register") and hasattr(units, "Unit"):
+        units.register("serve", units.Unit("noodle-serve@.service", lambda opts: _serve_unit_text()))
+
+
+def _dispatch(fallback: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        handler = getattr(args, "fleet_cmd", None) or fallback
+        return int(handler(args))
+
+    return run
+
+
+def _serve_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--serve", nargs=0, action=_FleetFlag, handler=cmd_unit,
+                   help="print noodle-serve@.service (the fleet member) instead")  # fmt: skip
+
+
+def _configure_serve(s: argparse.ArgumentParser) -> None:
     s.add_argument("--name", required=True, help="the local pool to run jobs in")
     s.add_argument("--config", dest="fleet_config", metavar="FILE",
                    help="fleet TOML file (servers, classes, credentials, ack_wait, max_deliver, ...)")  # fmt: skip
@@ -52,7 +98,8 @@ def register(sub: Any) -> None:
     s.add_argument("--log-level", default="INFO")
     s.set_defaults(fleet_cmd=cmd_serve)
 
-    sm = sub.add_parser("submit", help="run Python source on the fleet and print its output")
+
+def _configure_submit(sm: argparse.ArgumentParser) -> None:
     sm.add_argument("source", help="Python source; '-' reads standard input")
     _nats_flags(sm)
     sm.add_argument("--class", dest="pool_class", help="pool class (default: the first configured, 'default')")
@@ -60,12 +107,6 @@ def register(sub: Any) -> None:
     sm.add_argument("--run-timeout", type=float, default=None, help="seconds the code may run")
     sm.add_argument("--wait", type=float, default=None, help="seconds to wait for the result (default: for ever)")
     sm.set_defaults(fleet_cmd=cmd_submit)
-
-    if "status" in sub.choices:
-        _nats_flags(sub.choices["status"], handler=cmd_status)
-    if "unit" in sub.choices:
-        sub.choices["unit"].add_argument("--serve", nargs=0, action=_FleetFlag, handler=cmd_unit,
-                                         help="print noodle-serve@.service (the fleet member) instead")  # fmt: skip
 
 
 def _cfg(args: argparse.Namespace, **overrides: Any) -> Any:
@@ -142,10 +183,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         time.sleep(args.watch)
 
 
-def cmd_unit(args: argparse.Namespace) -> int:
+def _serve_unit_text() -> str:
     import shutil
 
     from noodle.fleet.unit import serve_unit
 
-    sys.stdout.write(serve_unit(shutil.which("noodle") or "/usr/local/bin/noodle"))
+    return serve_unit(shutil.which("noodle") or "/usr/local/bin/noodle")
+
+
+def cmd_unit(args: argparse.Namespace) -> int:
+    sys.stdout.write(_serve_unit_text())
     return EXIT_OK
+
+
+def _self_register() -> None:
+    # with a command registry in noodle.cli, importing this module (listed
+    # among its command modules) registers the fleet's commands
+    cli = sys.modules.get("noodle.cli")
+    if cli is not None and hasattr(cli, "Command") and hasattr(cli, "command"):
+        register_commands(cli)
+
+
+_self_register()

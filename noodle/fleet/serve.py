@@ -165,7 +165,9 @@ class Serve:
             log.warning("pool %s is shutting down; stopping", self.pool_name)
             self.request_stop(0)
             return 0
-        return int(snap["states"]["ready"])
+        # a slot turns ready a moment before its id is in the ring, where
+        # get() finds it: count only what both say is there
+        return min(int(snap["states"]["ready"]), int(snap["ring_length"]))
 
     async def _reserve(self) -> int:
         """Wait until the pool has a ready instance no fetched job has
