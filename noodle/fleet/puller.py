@@ -36,16 +36,23 @@ class Puller:
         self._sub = await self._nc.subscribe(self._inbox)
 
     async def pull(self, n: int, wait: float) -> list[Msg]:
-        """Up to ``n`` jobs, waiting up to ``wait`` seconds for the first."""
+        """Up to ``n`` jobs: those waiting now (a no-wait pull of ``n``); if
+        there are none, the first to arrive within ``wait`` seconds (a pull
+        of one, so a job is handed on at once and never more are held)."""
+        msgs = await self._request({"batch": n, "no_wait": True}, n, 5.0)
+        if not msgs:
+            msgs = await self._request({"batch": 1, "expires": int(wait * 1e9)}, 1, wait + 5.0)
+        return msgs
+
+    async def _request(self, req: dict[str, object], n: int, limit: float) -> list[Msg]:
         assert self._sub is not None
-        req = {"batch": n, "expires": int(wait * 1e9)}
         await self._nc.publish(self._next, json.dumps(req).encode(), reply=self._inbox)
         msgs: list[Msg] = []
         while len(msgs) < n:
             try:
-                # the server ends the pull itself at `wait`; the margin only
+                # the server ends the pull itself (404/408); the limit only
                 # covers a pull lost with a server restart
-                msg = await self._sub.next_msg(timeout=wait + 5.0)
+                msg = await self._sub.next_msg(timeout=limit)
             except nats.errors.TimeoutError:
                 break
             status = (msg.headers or {}).get("Status", "")
