@@ -34,14 +34,11 @@ The instance is single-use, so state kept between calls of one lease (the
 from __future__ import annotations
 
 import ast
-import base64
 import contextlib
-import datetime
 import importlib
 import io
 import json
 import os
-import pickle
 import socket
 import struct
 import subprocess
@@ -63,6 +60,7 @@ PLAIN = b"S"  # plain-data encoding: decodable without running any code
 PICKLED = b"P"  # pickle: only for a caller that trusts the instance
 MAX_DEPTH = 200
 _SEQ_TAGS: dict[type, bytes] = {list: b"l", tuple: b"t", set: b"e", frozenset: b"z"}
+_DATETIME_TAGS = {"datetime": b"D", "date": b"a", "time": b"m", "timedelta": b"r"}
 _U32 = struct.Struct(">I")
 _F64 = struct.Struct(">d")
 _C128 = struct.Struct(">dd")
@@ -153,19 +151,32 @@ def _put(v: Any, out: list[bytes], depth: int, where: str) -> None:
         for key, item in v.items():
             _put(key, out, depth + 1, f"{where} key")
             _put(item, out, depth + 1, f"{where}[{key!r:.40}]")
-    elif t is datetime.datetime or t is datetime.date or t is datetime.time:
-        if t is not datetime.date and v.tzinfo is not None:
+    elif t.__module__ == "datetime":
+        _put_datetime(v, out, where)
+    else:
+        raise NotPlain(f"{where} is a {t.__module__}.{t.__qualname__}, not plain data")
+
+
+def _put_datetime(v: Any, out: list[bytes], where: str) -> None:
+    import datetime  # only when a result holds one: the agent's start-up stays lean
+
+    t = type(v)
+    if t is datetime.date:
+        fields = [v.year, v.month, v.day]
+    elif t is datetime.datetime or t is datetime.time:
+        fields = [v.year, v.month, v.day] if t is datetime.datetime else []
+        fields += [v.hour, v.minute, v.second, v.microsecond, v.fold]
+        if v.tzinfo is not None:
             offset = v.utcoffset()
             if offset is None:
                 raise NotPlain(f"{where}: a {t.__name__} with tzinfo {v.tzinfo!r} has no fixed offset")
-            v = v.replace(tzinfo=datetime.timezone(offset))
-        out.append({datetime.datetime: b"D", datetime.date: b"a", datetime.time: b"m"}[t])
-        _put_bytes(v.isoformat().encode(), out)
+            fields += [offset.days, offset.seconds, offset.microseconds]
     elif t is datetime.timedelta:
-        out.append(b"r")
-        _put_bytes(f"{v.days} {v.seconds} {v.microseconds}".encode(), out)
+        fields = [v.days, v.seconds, v.microseconds]
     else:
         raise NotPlain(f"{where} is a {t.__module__}.{t.__qualname__}, not plain data")
+    out.append(_DATETIME_TAGS[t.__name__])
+    _put_bytes(" ".join(map(str, fields)).encode(), out)
 
 
 def _put_bytes(b: bytes, out: list[bytes]) -> None:
@@ -278,6 +289,8 @@ def encode_outcome(ok: bool, value: Any, exc: BaseException | None, stdout: str,
 
 
 def _pickle_record(record: dict[str, Any]) -> bytes:
+    import pickle
+
     try:
         return pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as e:  # noqa: BLE001 - any object may refuse pickling, in any way
@@ -313,6 +326,8 @@ def run_task(payload: bytes, output_cap: int = OUTPUT_CAP) -> bytes:
     pickled = payload[len(TASK_MAGIC) : len(TASK_MAGIC) + 1] == PICKLED
 
     def call() -> Any:
+        import pickle
+
         if not payload.startswith(TASK_MAGIC) or payload[len(TASK_MAGIC) : len(TASK_MAGIC) + 1] not in (PLAIN, PICKLED):
             raise ValueError("not a task payload (bad magic or result mode)")
         fn, args, kwargs = pickle.loads(payload[len(TASK_MAGIC) + 1 :])  # noqa: S301 - the caller is trusted in here
@@ -343,6 +358,8 @@ class Agent:
         op = req.get("op")
         if op == "ping":
             return {"ok": True, "pid": os.getpid()}
+        import base64
+
         if op in ("run", "call"):
             pickled = req.get("results") == "pickle"
             if op == "run":
@@ -438,6 +455,23 @@ def listen_unix(path: str) -> socket.socket:
     return sock
 
 
+def _warm_up() -> None:
+    """Import what tasks unpickle with (cloudpickle, staged next to this
+    file in sandboxes) in the background once ready: the instance sits warm
+    in the pool meanwhile, off every task's path, and a task that comes
+    sooner waits on the import lock instead of importing a second time."""
+    import threading
+
+    def imports() -> None:
+        with contextlib.suppress(Exception):
+            import base64  # noqa: F401
+            import pickle  # noqa: F401
+
+            import cloudpickle  # type: ignore[import-untyped]  # noqa: F401
+
+    threading.Thread(target=imports, name="noodle-warm-up", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -460,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ready_fd is not None:
         os.write(args.ready_fd, b"R")
         os.close(args.ready_fd)
+    _warm_up()
     serve_socket(listener)
     return 0
 

@@ -197,6 +197,11 @@ async def aget(pool: Pool, timeout: float | None, health: bool | None, default_h
     waiter.add(ticket)
     try:
         return await future
+    except asyncio.CancelledError:
+        # cancelled just after its lease arrived: the lease is unused, pass it on
+        if future.done() and not future.cancelled() and future.exception() is None:
+            waiter.give_back(future.result())
+        raise
     finally:
         if timer is not None:
             timer.cancel()

@@ -31,9 +31,12 @@ The plain encoding is a tag byte per value; lengths and counts are u32
 big-endian: ``N`` None, ``T``/``F`` bools, ``i`` len + two's-complement
 big-endian int, ``f`` IEEE double, ``c`` two doubles, ``s`` len + UTF-8
 (surrogates passed), ``b`` len + bytes, ``l``/``t``/``e``/``z`` count +
-items (list, tuple, set, frozenset), ``d`` count + key, value pairs, ``D``
-/ ``a`` / ``m`` len + ISO text (datetime, date, time), ``r`` len + "days
-seconds microseconds" (timedelta). Nesting is limited to ``MAX_DEPTH``.
+items (list, tuple, set, frozenset), ``d`` count + key, value pairs, and
+for ``datetime`` values len + ASCII integers separated by spaces: ``a``
+"Y M D" (date), ``m`` "h m s us fold [offset]" (time), ``D`` "Y M D h m s
+us fold [offset]" (datetime), ``r`` "days seconds us" (timedelta), where
+offset is the UTC offset as "days seconds us" (a zone is sent as its
+offset at that moment). Nesting is limited to ``MAX_DEPTH``.
 
 Output printed by the task is captured up to ``OUTPUT_CAP`` characters per
 stream inside the instance (a marker line says how much was dropped), and a
@@ -51,7 +54,10 @@ Functions, all pure (no pool needed), kept stable for other transports::
 A task's exception is rebuilt with its own class when that class is a
 builtin exception or already imported in the caller (looked up in
 ``sys.modules``, never imported); from plain data it is made without
-running its ``__init__``. Otherwise it arrives as ``InstanceError``. Either
+running its ``__init__``. Otherwise, and for exceptions that are not
+``Exception`` subclasses (SystemExit, KeyboardInterrupt: an untrusted
+instance must not be able to stop the caller), it arrives as
+``InstanceError``. Either
 way the remote traceback is attached as ``__cause__`` (a ``RemoteTraceback``),
 with the output printed before the exception.
 """
@@ -218,6 +224,8 @@ def _rebuild(error: dict[str, Any], stdout: str, stderr: str) -> BaseException:
     ``__init__``; a class with its own ``__new__`` is not rebuilt); else
     InstanceError."""
     cls = _known_exception(error["module"], error["name"])
+    if cls is not None and not issubclass(cls, Exception):
+        cls = None  # SystemExit, KeyboardInterrupt, ...: a sandbox must not stop the caller with them
     if cls is not None and not any("__new__" in vars(k) for k in cls.__mro__ if k.__module__ != "builtins"):
         try:
             exc = cls.__new__(cls, *error["args"])
@@ -309,19 +317,31 @@ def _get(buf: memoryview, pos: int, depth: int) -> tuple[Any, int]:
             key, pos = _get(buf, pos, depth + 1)
             out[key], pos = _get(buf, pos, depth + 1)
         return out, pos
-    if tag in (0x44, 0x61, 0x6D):  # D a m
+    if tag in (0x44, 0x61, 0x6D, 0x72):  # D a m r
         raw, pos = _bytes(buf, pos)
-        text = raw.decode("ascii")
-        if tag == 0x44:
-            return datetime.datetime.fromisoformat(text), pos
-        if tag == 0x61:
-            return datetime.date.fromisoformat(text), pos
-        return datetime.time.fromisoformat(text), pos
-    if tag == 0x72:  # r
-        raw, pos = _bytes(buf, pos)
-        days, seconds, micros = (int(x) for x in raw.decode("ascii").split())
-        return datetime.timedelta(days=days, seconds=seconds, microseconds=micros), pos
+        return _datetime(tag, [int(x) for x in raw.decode("ascii").split()]), pos
     raise ValueError(f"unknown tag {tag:#x} at byte {pos - 1}")
+
+
+def _datetime(tag: int, f: list[int]) -> Any:
+    """Build a datetime value from its integer fields (see the module docstring)."""
+    if tag == 0x61:  # a
+        (year, month, day) = f
+        return datetime.date(year, month, day)
+    if tag == 0x72:  # r
+        (days, seconds, micros) = f
+        return datetime.timedelta(days=days, seconds=seconds, microseconds=micros)
+    head, rest = (f[:3], f[3:]) if tag == 0x44 else ([], f)
+    if len(rest) not in (5, 8):
+        raise ValueError(f"datetime fields {f!r}")
+    hour, minute, second, micro, fold = rest[:5]
+    tz = None
+    if len(rest) == 8:
+        tz = datetime.timezone(datetime.timedelta(days=rest[5], seconds=rest[6], microseconds=rest[7]))
+    if tag == 0x44:
+        (year, month, day) = head
+        return datetime.datetime(year, month, day, hour, minute, second, micro, tzinfo=tz, fold=fold)
+    return datetime.time(hour, minute, second, micro, tzinfo=tz, fold=fold)
 
 
 def _count(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -357,13 +377,14 @@ def instance_library() -> list[tuple[str, str]]:
 
 
 def stage_instance_library(dest_dir: str) -> None:
-    """Copy ``instance_library()`` into ``dest_dir`` (world-readable, no
-    byte-code caches), for kinds that stage files instead of binding them."""
+    """Copy ``instance_library()`` into ``dest_dir`` (world-readable, with
+    its byte-code caches: sandboxes do not write them), for kinds that stage
+    files instead of binding them."""
     for host, name in instance_library():
         target = os.path.join(dest_dir, name)
         if os.path.isdir(host):
             shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(host, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(host, target)
             for root, _dirs, files in os.walk(target):
                 os.chmod(root, 0o755)  # noqa: S103 - read by the sandbox's unprivileged uid
                 for f in files:

@@ -78,10 +78,11 @@ class Executor(concurrent.futures.Executor):
         self._own_pool = isinstance(pool, str)
         self._pool = attach(pool) if isinstance(pool, str) else pool
         try:
-            kind = self._pool.kind_name
+            # a kind derived from a Python kind (same name) runs Python too
+            kind = getattr(getattr(self._pool, "_kind", None), "name", "") or self._pool.kind_name
             if kind not in PYTHON_KINDS:
                 raise KindUnsupported(
-                    f"pool {self._pool.name!r} is of kind {kind!r}, whose instances do not run Python;"
+                    f"pool {self._pool.name!r} is of kind {self._pool.kind_name!r}, whose instances do not run Python;"
                     f" noodle.Executor needs one of: {', '.join(sorted(PYTHON_KINDS))}"
                 )
             if max_workers is None:
@@ -116,15 +117,18 @@ class Executor(concurrent.futures.Executor):
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
         """Schedule ``fn(*args, **kwargs)`` in a fresh instance."""
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        try:
+            # pickled now, outside the lock: later changes to the arguments do not travel
+            payload = codec.encode_task(fn, args, kwargs, pickle_results=self._trust)
+        except TypeError as exc:
+            future.set_exception(exc)
+            return future
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            future: concurrent.futures.Future[T] = concurrent.futures.Future()
-            try:
-                payload = codec.encode_task(fn, args, kwargs, pickle_results=self._trust)
-            except TypeError as exc:
-                future.set_exception(exc)
-                return future
             self._queue.put(_WorkItem(future, payload, self._timeout))
             self._adjust_threads()
             return future
@@ -164,6 +168,8 @@ class Executor(concurrent.futures.Executor):
         except BaseException as exc:  # noqa: BLE001 - the future carries whatever went wrong
             item.future.set_exception(exc)
             return
+        error: BaseException | None = None
+        value: Any = None
         try:
             limit = _NO_LIMIT if item.timeout is None else item.timeout
             try:
@@ -174,15 +180,19 @@ class Executor(concurrent.futures.Executor):
                 ) from None
             value = codec.decode_result(payload, trust=self._trust)
         except BaseException as exc:  # noqa: BLE001 - the task's own exception, or the pool's
-            item.future.set_exception(exc)
-        else:
-            item.future.set_result(value)
+            error = exc
         finally:
             # single use: releasing terminates the instance (and ends a task
-            # that ran past its timeout)
+            # that ran past its timeout); before the future completes, so a
+            # caller that sees the result may close the pool at once
             with contextlib.suppress(NoodleError):
                 lease.release()
             del lease
+        if error is not None:
+            item.future.set_exception(error)
+        else:
+            item.future.set_result(value)
+        del error, value
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:

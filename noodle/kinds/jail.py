@@ -166,7 +166,7 @@ class JailKind(Kind):
         if o["userns"]:
             # bwrap then runs as the slot's uid and resolves every source
             # path itself (an fd passed in is resolved back to its path).
-            paths = [self.pool.run_dir, AGENT_FILE, *o["ro_binds"]]
+            paths = [self.pool.run_dir, AGENT_FILE, *o["ro_binds"], *(host for host, _ in _library_binds())]
             if self._python_prefix is not None:
                 paths.append(self._python_prefix)
             for path in paths:
@@ -256,6 +256,7 @@ class JailKind(Kind):
         """Make every bind target exist in the slot's root (in its upper
         layer): bwrap run as the slot uid (userns) may not create them."""
         dirs = ["run/noodle", "opt/python", "proc", "dev", "tmp", "home/sandbox"]
+        dirs += [inside for _host, inside in _library_binds()]
         files = [INSIDE_AGENT]
         for path in self.options["ro_binds"]:
             (dirs if os.path.isdir(path) else files).append(path)

@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             setproctitle(args.title)
     for mod in filter(None, args.preload.split(",")):
         importlib.import_module(mod)
+    # what every Executor task unpickles with: imported once here, not per instance
+    with contextlib.suppress(ImportError):
+        importlib.import_module("cloudpickle")
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor stops us
     server = agent.listen_unix(args.socket)

@@ -199,7 +199,7 @@ root = os.stat('/root')
         os.unlink(host_marker)
     uid, gid, ifaces, sees_marker, sees_other_slot, sees_run_dir, root_id, pid, capeff = probe
     assert (uid, gid) == (210000, 210000)
-    assert ifaces == [[1, "lo"]]  # no interface but loopback
+    assert ifaces == [(1, "lo")]  # no interface but loopback
     assert not sees_marker
     assert not sees_other_slot and not sees_run_dir
     host_root = os.stat("/root")
@@ -467,7 +467,7 @@ def test_userns_mode(jails: Jails) -> None:
     slot, desc = up(kind)
     uid, ifaces = run(desc, "import os, socket; (os.getuid(), socket.if_nameindex())")
     assert uid == 220000
-    assert ifaces == [[1, "lo"]]
+    assert ifaces == [(1, "lo")]
     # Seen from the host, even bwrap runs as the slot uid, and the sandbox's
     # user namespace maps that one uid only: nothing inside is host root.
     for pid in JailKind.instance_pids(desc):
