@@ -115,7 +115,18 @@ class Serve:
             loop.add_signal_handler(sig, self.request_stop)
         self._pool = pool = await self._attach()
         self._threads = ThreadPoolExecutor(max_workers=pool.pool_size + 1, thread_name_prefix="noodle-job")
-        nc = await wire.connect(self.cfg, f"noodle-serve {self.key}", wait=None)
+        # wait for the server as long as it takes, but not past a stop
+        connecting = asyncio.create_task(wire.connect(self.cfg, f"noodle-serve {self.key}", wait=None))
+        stopping = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+            self._threads.shutdown(wait=True)
+            pool.close()
+            return self._exit_code
+        nc = connecting.result()
         self._js = js = nc.jetstream(timeout=5.0)
         try:
             await wire.ensure_streams(js, self.cfg)
