@@ -234,7 +234,10 @@ class Serve:
             raise payload.BadJob(f"bad {wire.H_TIMEOUT} header {wire.header(h, wire.H_TIMEOUT)!r}") from None
         if not 0 < timeout <= 86400:
             raise payload.BadJob(f"timeout {timeout} out of range")
-        return Job(job_id, cls, wire.header(h, wire.H_REPLY), fmt, timeout, msg.data, _deliveries(msg))
+        reply = wire.header(h, wire.H_REPLY)
+        if reply and not wire.reply_subject(reply):
+            raise payload.BadJob(f"reply subject {reply[:80]!r} is not an inbox (_INBOX.<token>...)")
+        return Job(job_id, cls, reply, fmt, timeout, msg.data, _deliveries(msg))
 
     async def _handle(self, msg: Msg, cls: str) -> None:
         started = False
@@ -395,8 +398,8 @@ class Serve:
         job_id = wire.header(h, wire.H_ID)
         if not wire.JOB_ID_RE.match(job_id):
             job_id = f"seq{msg.metadata.sequence.stream}"
-        await self._dead_letter(job_id, cls, wire.header(h, wire.H_REPLY), wire.header(h, wire.H_FORMAT), msg.data,
-                                reason, _deliveries(msg))  # fmt: skip
+        reply = wire.reply_subject(wire.header(h, wire.H_REPLY))
+        await self._dead_letter(job_id, cls, reply, wire.header(h, wire.H_FORMAT), msg.data, reason, _deliveries(msg))
 
     async def _on_max_deliveries(self, adv: Msg) -> None:
         """A job's last try ended without an answer (its host died each
@@ -423,7 +426,8 @@ class Serve:
         if not wire.JOB_ID_RE.match(job_id):
             job_id = f"seq{seq}"
         reason = f"no answer after {info.get('deliveries', self.cfg.max_deliver)} tries (hosts died or stalled)"
-        await self._dead_letter(job_id, classes[consumer], wire.header(h, wire.H_REPLY), wire.header(h, wire.H_FORMAT),
+        reply = wire.reply_subject(wire.header(h, wire.H_REPLY))
+        await self._dead_letter(job_id, classes[consumer], reply, wire.header(h, wire.H_FORMAT),
                                 raw.data or b"", reason, int(info.get("deliveries", 0)))  # fmt: skip
         with contextlib.suppress(Exception):
             await self._js._jsm.delete_msg(self.cfg.stream, seq)

@@ -67,6 +67,17 @@ def consumer_name(pool_class: str) -> str:
     return f"noodle-{pool_class}"
 
 
+# a reply subject is chosen by whoever published the job: only a plain inbox
+# is answered, so a job cannot make a host publish into the JetStream API
+# ($JS.API...) or onto another job's subjects
+REPLY_RE = re.compile(r"^_INBOX\.[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+
+def reply_subject(value: str) -> str:
+    """The job's reply subject if it is a plain inbox, else ''."""
+    return value if len(value) <= 256 and REPLY_RE.match(value) else ""
+
+
 def check_job_id(job_id: str) -> str:
     if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
         raise ValueError(f"job id must be 1..128 of [A-Za-z0-9_-] (a subject token), got {job_id!r}")

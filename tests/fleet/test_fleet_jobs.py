@@ -152,3 +152,24 @@ def _source(src: str) -> tuple[str, bytes]:
     from noodle.fleet import payload
 
     return payload.encode_source(src)
+
+
+def test_a_reply_subject_that_is_not_an_inbox_is_refused(nats_server: NatsServer, fleet: Any) -> None:
+    """A job naming the JetStream API as its reply would make the host send
+    a request there (here: delete the job stream). It is dead-lettered."""
+    host: Host = fleet(pool_size=2)
+    wait_serving(host)
+
+    async def publish(nc: Any, js: Any) -> None:
+        await js.publish("noodle.jobs.default", b"1 + 1", headers={
+            "Nats-Msg-Id": "hostile-reply", "Noodle-Format": "source/1",
+            "Noodle-Reply": "$JS.API.STREAM.DELETE.NOODLE_JOBS"})  # fmt: skip
+
+    js_run(nats_server.url, publish)
+    dead = wait_for(lambda: dead_letters(nats_server.url), 60, "the dead letter")
+    assert dead[0][1]["Noodle-Job"] == "hostile-reply" and "not an inbox" in dead[0][1]["Noodle-Reason"]
+
+    async def streams(nc: Any, js: Any) -> list[str]:
+        return sorted(s.config.name for s in await js.streams_info())
+
+    assert "NOODLE_JOBS" in js_run(nats_server.url, streams)
