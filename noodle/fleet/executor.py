@@ -177,6 +177,7 @@ class AsyncExecutor:
         self.trust_results = trust_results
         self._client = FleetClient(_config(servers, config), pool_class, trust_results)
         self._started = False
+        self._futures: set[asyncio.Future[Any]] = set()
 
     async def start(self) -> AsyncExecutor:
         if not self._started:
@@ -215,12 +216,17 @@ class AsyncExecutor:
             else:
                 fut.set_exception(value)
 
+        self._futures.add(fut)
+        fut.add_done_callback(self._futures.discard)
         await self._client.submit(fmt, data, resolve, job_id=job_id, timeout=self.timeout)
         return fut
 
-    async def aclose(self) -> None:
-        """Waits for nothing: results of jobs still pending are lost to this
-        executor (they stay in the results stream)."""
+    async def aclose(self, wait: bool = True) -> None:
+        """With ``wait``, first wait for every job submitted here (as
+        ``shutdown(wait=True)``); without, pending futures fail and their
+        results stay in the results stream."""
+        if wait and self._futures:
+            await asyncio.gather(*list(self._futures), return_exceptions=True)
         if self._started:
             await self._client.close()
             self._started = False

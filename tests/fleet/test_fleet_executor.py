@@ -118,7 +118,10 @@ def test_asyncio_form(nats_server: NatsServer, fleet: Any) -> None:
             futs = [await ex.submit(pow, 2, i) for i in range(5)]
             first = await ex.run(divmod, 7, 2)
             assert first == (3, 1)
-            return list(await asyncio.gather(*futs))
+            results = list(await asyncio.gather(*futs))
+            left = await ex.submit(pow, 3, 2)
+        assert left.result() == 9  # leaving the block waited for it
+        return results
 
     assert asyncio.run(main()) == [1, 2, 4, 8, 16]
 
