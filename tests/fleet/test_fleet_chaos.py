@@ -14,6 +14,9 @@ from tests.conftest import wait_for
 from tests.fleet.conftest import Host, NatsServer, stored_results, wait_serving
 
 JOBS = 30
+# each job notes its index and the pool (host) running it when it starts
+JOB = ("import time\nwho = open('/proc/self/cmdline').read().replace(chr(0), ' ').split()\n"
+       "open({runs!r}, 'a').write('{i} ' + who[who.index('instance') + 1] + ' \\n')\ntime.sleep(2.0)\n{i} * {i}")
 
 
 def run_through(nats_server: NatsServer, hosts: list[Host], fault: Callable[[], None], runs: Path) -> int:
@@ -23,8 +26,7 @@ def run_through(nats_server: NatsServer, hosts: list[Host], fault: Callable[[], 
     for h in hosts:
         wait_serving(h)
     with Executor(nats_server.url) as ex:
-        futs = [ex.submit_source(f"import time\nopen({str(runs)!r}, 'a').write('{i}\\n')\ntime.sleep(0.5)\n{i} * {i}")
-                for i in range(JOBS)]  # fmt: skip
+        futs = [ex.submit_source(JOB.format(runs=str(runs), i=i)) for i in range(JOBS)]
         wait_for(lambda: sum(f.done() for f in futs) >= 4, 120, "the first results")
         fault()
         results = [f.result(300).result for f in futs]
@@ -32,20 +34,26 @@ def run_through(nats_server: NatsServer, hosts: list[Host], fault: Callable[[], 
     assert results == [i * i for i in range(JOBS)]
     assert stats["delivered"] == JOBS and stats["pending"] == 0, stats  # each job id resolved exactly once
     assert stored_results(nats_server.url) == JOBS  # and its result stored once
-    ran = runs.read_text().split()
+    ran = [line.split()[0] for line in runs.read_text().splitlines()]
     assert set(ran) == {str(i) for i in range(JOBS)}
     return len(ran)
 
 
-def busy(host: Host) -> None:
-    wait_for(lambda: host.pool.stats()["states"]["leased"] > 0, 60, f"{host.name} to run jobs")
+def busy(host: Host, runs: Path) -> None:
+    """Wait until one more job starts on ``host`` (it then runs for 2 s)."""
+
+    def started() -> int:
+        return runs.read_text().count(f" {host.name} ") if runs.exists() else 0
+
+    before = started()
+    wait_for(lambda: started() > before, 120, f"a job to start on {host.name}")
 
 
 def test_serve_sigkilled_mid_jobs(nats_server: NatsServer, fleet: Any, tmp_path: Path) -> None:
     hosts = [fleet(pool_size=3) for _ in range(3)]
 
     def fault() -> None:
-        busy(hosts[0])
+        busy(hosts[0], tmp_path / "runs")
         hosts[0].kill_serve()
         time.sleep(1.0)
         hosts[0].start_serve()  # as systemd's Restart=on-failure would
@@ -59,7 +67,7 @@ def test_whole_host_sigkilled_mid_jobs(nats_server: NatsServer, fleet: Any, tmp_
     hosts = [fleet(pool_size=3) for _ in range(3)]
 
     def fault() -> None:
-        busy(hosts[1])
+        busy(hosts[1], tmp_path / "runs")
         hosts[1].kill_host()
 
     assert run_through(nats_server, hosts, fault, tmp_path / "runs") > JOBS
