@@ -57,7 +57,7 @@ class Command:
 
 _COMMANDS: dict[str, Command] = {}
 # modules that register commands of their own when imported
-COMMAND_MODULES: list[str] = ["noodle.images.command"]
+COMMAND_MODULES: list[str] = ["noodle.images.command", "noodle.fleet.cli"]
 
 
 def register(cmd: Command) -> None:

@@ -6,7 +6,8 @@ set -euo pipefail
 pkgs=()
 need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed" || pkgs+=("$1"); }
 # systemd: systemd-analyze, which the unit tests run (verify, security --offline)
-for p in bubblewrap runc crun qemu-system-x86 busybox-static iproute2 procps util-linux systemd; do need "$p"; done
+# nats-server: the fleet tests start their own, on loopback
+for p in bubblewrap runc crun qemu-system-x86 busybox-static iproute2 procps util-linux systemd nats-server; do need "$p"; done
 # /dev/mqueue is where POSIX queues are visible for inspection and leak checks
 if [ ! -d /dev/mqueue ] || ! mountpoint -q /dev/mqueue; then
   if [ "$(id -u)" = 0 ]; then mkdir -p /dev/mqueue && mount -t mqueue none /dev/mqueue || true; fi
