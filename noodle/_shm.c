@@ -195,8 +195,13 @@ static inline void count(Core *c, int k, uint64_t n) {
 static inline void observe(Core *c, int h, uint64_t ns) {
     if ((uint64_t)h >= c->n_hist) return;
     int b = ns ? 64 - __builtin_clzll(ns) : 0;
-    if (b >= HIST_BUCKETS) b = HIST_BUCKETS - 1;
-    __atomic_fetch_add(U64(c, c->hist_off + 8 * ((uint64_t)h * HIST_BUCKETS + (uint64_t)b)), 1, __ATOMIC_RELAXED);
+    if (b >= HIST_BUCKETS - 1) b = HIST_BUCKETS - 2;  /* the last word is the maximum, not a bucket */
+    uint64_t *hist = U64(c, c->hist_off + 8 * (uint64_t)h * HIST_BUCKETS);
+    __atomic_fetch_add(&hist[b], 1, __ATOMIC_RELAXED);
+    uint64_t top = __atomic_load_n(&hist[HIST_BUCKETS - 1], __ATOMIC_RELAXED);
+    while (ns > top && !__atomic_compare_exchange_n(&hist[HIST_BUCKETS - 1], &top, ns, 1, __ATOMIC_RELAXED,
+                                                    __ATOMIC_RELAXED)) {
+    }
 }
 static inline int shutting_down(Core *c) {
     return (__atomic_load_n(U32(c, H_FLAGS), __ATOMIC_SEQ_CST) & FLAG_SHUTDOWN) != 0;

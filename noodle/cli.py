@@ -258,13 +258,11 @@ def format_status(snap: dict[str, Any], rates: dict[str, float] | None = None) -
     if rates is not None:
         lines.append("rates/s:  " + "  ".join(f"{k} {v:.1f}" for k, v in rates.items()))
     if snap["latency_us"]:
-        # log2 buckets: each figure is the bucket's upper bound, the top one is where the max lies
-        lines.append("latency ms (upper bounds of log2 buckets)")
+        # percentiles are upper bounds of log2 buckets; the maximum is the real one
+        lines.append("latency ms (percentiles: upper bounds of log2 buckets; max: exact)")
     for name, p in snap["latency_us"].items():
-        top = p.get("max")
-        lo = _ms(top / 2) if top is not None else "-"
         lines.append(f"  {name:9s} n={int(p['count'])}  p50 {_ms(p.get('p50'))}  p90 {_ms(p.get('p90'))}"
-                     f"  p99 {_ms(p.get('p99'))}  max in {lo}..{_ms(top)}")  # fmt: skip
+                     f"  p99 {_ms(p.get('p99'))}  max {_ms(p.get('max'))}")  # fmt: skip
     return "\n".join(lines)
 
 

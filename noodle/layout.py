@@ -64,8 +64,10 @@ Slot table (pool_size x slot_size bytes)::
         64    -  descriptor         msgpack, descriptor_cap bytes
 
 Counters (n_counters x 8 bytes) and histograms (n_histograms x 64 x 8
-bytes: bucket b counts samples with bit length b of their nanoseconds) end
-the segment.
+bytes) end the segment. In a histogram, word b < 63 counts the samples
+whose nanoseconds have bit length b (63 and over are counted in 62: that is
+146 years); word 63 (``HIST_MAX``) holds the largest sample seen, in
+nanoseconds, raised by compare-and-swap, so ``status`` shows a real maximum.
 """
 
 from __future__ import annotations
@@ -78,13 +80,14 @@ from dataclasses import dataclass
 from typing import Any
 
 MAGIC = b"NOODLSHM"
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 HEADER_SIZE = 512
 MAX_POOL_SIZE = 65536
 MAX_DESCRIPTOR = 64 * 1024
 DEFAULT_DESCRIPTOR = 1024
 DEFAULT_WAIT_CELLS = 256
 HIST_BUCKETS = 64
+HIST_MAX = HIST_BUCKETS - 1  # the word of a histogram that holds its maximum, not a count
 
 # header struct: the immutable, checksummed part
 HEADER_STRUCT = struct.Struct("<8sIIIIIIIIIIQQQ64s32s")

@@ -318,6 +318,14 @@ class Segment:
         return {name: self.core.load64(off + 8 * i) for i, name in enumerate(L.COUNTERS)}
 
     def histograms(self) -> dict[str, list[int]]:
+        """Per histogram, the counts of its log2 buckets (``HIST_MAX`` of them)."""
+        return {name: words[: L.HIST_MAX] for name, words in self._histogram_words().items()}
+
+    def histogram_max(self) -> dict[str, int]:
+        """Per histogram, the largest sample seen (nanoseconds; 0 if none)."""
+        return {name: words[L.HIST_MAX] for name, words in self._histogram_words().items()}
+
+    def _histogram_words(self) -> dict[str, list[int]]:
         off = self.geometry.hist_off
         out: dict[str, list[int]] = {}
         for i, name in enumerate(L.HISTOGRAMS):
@@ -339,7 +347,7 @@ class Segment:
             else:
                 invalid += 1
         head, tail, tickets, turn = self.core.queue_info()
-        hists = self.histograms()
+        words = self._histogram_words()
         out: dict[str, Any] = {
             "pool": self.name,
             "kind": self.header.kind,
@@ -352,7 +360,9 @@ class Segment:
             "ring_length": max(0, tail - head),
             "waiters": (tickets - turn) & 0xFFFFFFFF,
             "counters": self.counters(),
-            "latency_us": {name: percentiles(h) for name, h in hists.items() if sum(h)},
+            "latency_us": {
+                name: percentiles(w[: L.HIST_MAX], w[L.HIST_MAX]) for name, w in words.items() if sum(w[: L.HIST_MAX])
+            },
         }
         if invalid:
             out["invalid_states"] = invalid
@@ -419,9 +429,10 @@ def validate_header(raw: bytes, size: int, pool: str) -> L.Header:
     return header
 
 
-def percentiles(hist: list[int]) -> dict[str, float]:
-    """p50/p90/p99/max from a log2 histogram, as the upper bound of the
-    bucket (microseconds): coarse by design, cheap and lock-free."""
+def percentiles(hist: list[int], max_ns: int = 0) -> dict[str, float]:
+    """p50/p90/p99 from a log2 histogram, as the upper bound of the bucket,
+    and the real maximum (``max_ns``, recorded beside the buckets), all in
+    microseconds: coarse by design, cheap and lock-free."""
     total = sum(hist)
     out: dict[str, float] = {"count": float(total)}
     if not total:
@@ -434,6 +445,8 @@ def percentiles(hist: list[int]) -> dict[str, float]:
             if acc >= need:
                 out[label] = round((1 << b) / 1000.0, 3)
                 break
-    top = max(b for b, n in enumerate(hist) if n)
-    out["max"] = round((1 << top) / 1000.0, 3)
+    if max_ns:
+        out["max"] = round(max_ns / 1000.0, 3)
+    else:  # a segment scribbled on: the top bucket's bound is the best known
+        out["max"] = round((1 << max(b for b, n in enumerate(hist) if n)) / 1000.0, 3)
     return out

@@ -95,6 +95,7 @@ def test_status_watch_pipe_head_exec_exit_and_noodle_pool(supervisor, pool_name:
     assert res.returncode == 0 and "latency ms" in res.stdout and " us " not in res.stdout
     snap = json.loads(noodle("status", "--json", env=env).stdout)
     assert all(isinstance(p["count"], int) for p in snap["latency_us"].values())
+    assert " max " in res.stdout and "max in" not in res.stdout  # the real maximum, not a bucket range
 
     for src, code, out in (("import sys; print('hi'); sys.exit(3)", 3, ""), ("import sys; sys.exit()", 0, ""),
                            ("raise SystemExit('boom')", 1, "boom"), ("import sys; sys.exit(256 + 7)", 7, ""),

@@ -249,6 +249,18 @@ def test_snapshot_sums_to_pool_size(seg: Segment) -> None:
     assert snap["ring_length"] == 1
 
 
+def test_histograms_keep_the_real_maximum(seg: Segment) -> None:
+    """Percentiles come from log2 buckets; the maximum is the sample itself,
+    raised by CAS beside the buckets, even for a sample past the top bucket."""
+    for ns in (1_500, 3_000_000, 2_999_999, 700):
+        seg.observe("spawn", ns)
+    lat = seg.snapshot()["latency_us"]["spawn"]
+    assert lat["count"] == 4 and lat["max"] == 3000.0  # us, exact: not the bucket bound 4194.304
+    assert seg.histogram_max()["spawn"] == 3_000_000 and len(seg.histograms()["spawn"]) == L.HIST_MAX
+    seg.observe("spawn", (1 << 64) - 1)
+    assert seg.histograms()["spawn"][L.HIST_MAX - 1] == 1 and seg.histogram_max()["spawn"] == (1 << 64) - 1
+
+
 def test_shutdown_refuses_get(seg: Segment) -> None:
     make_ready(seg, 0)
     seg.core.shutdown()
