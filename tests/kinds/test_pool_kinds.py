@@ -418,6 +418,68 @@ def test_sigterm_shutdown_leaves_nothing(case: KindCase, supervisor: Callable[..
         assert not os.path.exists(os.path.join(sup.run_root, sup.name, "microvm")), "template left behind"
 
 
+PROCESS = KindCase("process", "process")
+STOP_DRAIN = 1.0
+# A hang detector, not a speed bound: the drain (STOP_DRAIN), the revoked
+# leases' terminate and clean steps (each bounded by step_timeout, 90 s for
+# oci) and the workers' stop (SIGTERM, 5 s, SIGKILL, 5 s) all have their own
+# bounds; a stop that outlives their sum is stuck.
+STOP_BOUND = STOP_DRAIN + 90 + 10 + 60
+
+
+@pytest.mark.parametrize("case", case_params([PROCESS, *CASES], timeout=900))
+def test_repeated_stop_of_a_loaded_pool_is_bounded(
+    case: KindCase, supervisor: Callable[..., Any], soak: bool
+) -> None:
+    """Start, load (a lease never given back while a client churns through
+    get / work / release), SIGTERM, again: every stop ends with exit 0 within
+    the bound its own timeouts make and leaves nothing of the pool behind; a
+    stop that hung once (a worker whose exit was collected elsewhere) would
+    hang here. Rounds: 2, 10 with --soak; the stop times are printed."""
+    import threading
+
+    import noodle
+
+    times = []
+    for _round in range(10 if soak else 2):
+        sup = case.start(supervisor, "--drain-timeout", str(STOP_DRAIN))
+        pool = sup.attach(timeout=case.start_timeout)
+        done = threading.Event()
+        served = [0]
+
+        def churn(pool: Any = pool, done: threading.Event = done, served: list[int] = served) -> None:
+            while not done.is_set():
+                try:
+                    with pool.get(timeout=1.0) as lease:
+                        do_work(case, lease)
+                        served[0] += 1
+                except (noodle.PoolShuttingDown, noodle.PoolNotFound, noodle.PoolClosed):
+                    return
+                except noodle.NoodleError:
+                    continue  # starved for a moment, or an instance revoked under us
+
+        try:
+            wait_full(pool, case.start_timeout)
+            held = pool.get(timeout=case.op_timeout)
+            do_work(case, held)
+            worker = threading.Thread(target=churn, daemon=True)
+            worker.start()
+            wait_for(lambda served=served: served[0] >= 2, case.op_timeout * 2, "the churning client to be served")
+            t0 = time.monotonic()
+            code = sup.stop(timeout=STOP_BOUND)
+            times.append(time.monotonic() - t0)
+            assert code == 0, sup.logtext()
+            done.set()
+            worker.join(60)
+            assert not worker.is_alive(), "a client stayed blocked after the pool stopped"
+            assert held.release() is False  # revoked by the drain
+        finally:
+            done.set()
+            pool.close()
+        assert_no_leftovers(sup.name, sup.run_root)
+    print(f"STOP {case.id}: {len(times)} loaded stops, seconds " + " ".join(f"{t:.2f}" for t in times))
+
+
 # -- the shipped example config ---------------------------------------------------------------
 
 EXAMPLE_CONFIGS = ("bwrap.toml", "plain.toml")
