@@ -754,55 +754,6 @@ static PyObject *core_lease(Core *self, PyObject *const *args, Py_ssize_t nargs)
     }
 }
 
-/* get(timeout_ns, stale_ns) -> (slot, gen, descriptor bytes) or a status int.
-   The client's whole get in one call. stale_ns > 0: refuse with
-   ST_HEARTBEAT when the supervisor's heartbeat is older (checked with the
-   clock read acquire makes anyway); the caller checks it is alive and calls
-   again with 0. */
-static PyObject *core_get(Core *self, PyObject *const *args, Py_ssize_t nargs) {
-    CHECK_OPEN(self);
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "get(timeout_ns, stale_ns)");
-        return NULL;
-    }
-    long long timeout = PyLong_AsLongLong(args[0]);
-    if (timeout == -1 && PyErr_Occurred()) return NULL;
-    unsigned long long stale = PyLong_AsUnsignedLongLong(args[1]);
-    if (stale == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
-    uint32_t slot = 0;
-    uint64_t gen = 0;
-    self->inflight++;
-    for (;;) {
-        int st = do_acquire(self, timeout, stale, &slot, &gen);
-        if (st != ST_OK) {
-            leave(self);
-            return st < 0 ? NULL : PyLong_FromLong(st);
-        }
-        uint8_t *rec = slot_rec(self, slot);
-        uint32_t n = __atomic_load_n((uint32_t *)(rec + R_DESC_LEN), __ATOMIC_ACQUIRE);
-        if (!descriptor_plausible(rec + 64, n, self->desc_cap)) {
-            give_back(self, slot, gen);
-            count(self, K_UNHEALTHY_ON_GET, 1);
-            continue;
-        }
-        PyObject *t = PyTuple_New(3);
-        PyObject *a = PyLong_FromUnsignedLong(slot), *b = PyLong_FromUnsignedLongLong(gen);
-        PyObject *c = PyBytes_FromStringAndSize((const char *)rec + 64, (Py_ssize_t)n);
-        leave(self);
-        if (!t || !a || !b || !c) {
-            Py_XDECREF(t);
-            Py_XDECREF(a);
-            Py_XDECREF(b);
-            Py_XDECREF(c);
-            return NULL;
-        }
-        PyTuple_SET_ITEM(t, 0, a);
-        PyTuple_SET_ITEM(t, 1, b);
-        PyTuple_SET_ITEM(t, 2, c);
-        return t;
-    }
-}
-
 /* release(slot, gen) -> status; only the holder pid may release */
 static PyObject *core_release(Core *self, PyObject *const *args, Py_ssize_t nargs) {
     CHECK_OPEN(self);
@@ -1114,8 +1065,6 @@ static PyMethodDef core_methods[] = {
     {"close", (PyCFunction)core_close, METH_NOARGS, "Release the mapping (idempotent)."},
     {"init_ring", (PyCFunction)core_init_ring, METH_NOARGS, "Set every cell free for lap 0 (creator only)."},
     {"acquire", (PyCFunction)(void (*)(void))core_acquire, METH_FASTCALL, "acquire(timeout_ns) -> (status, slot, gen)"},
-    {"get", (PyCFunction)(void (*)(void))core_get, METH_FASTCALL,
-     "get(timeout_ns, stale_ns) -> (slot, gen, descriptor) or status"},
     {"lease", (PyCFunction)(void (*)(void))core_lease, METH_FASTCALL,
      "lease(cls, pool, timeout_ns, stale_ns) -> cls instance or status"},
     {"rebuild_ring", (PyCFunction)core_rebuild_ring, METH_NOARGS, "Empty the ring at positions past head and tail."},
