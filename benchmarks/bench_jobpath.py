@@ -216,31 +216,9 @@ def bench_process(q: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
     cycles = 12 if q else 40
     print(f"  lifecycle: 1-slot pool, {cycles} cycles interleaved with direct kind steps ...", flush=True)
-    name1 = f"{PREFIX}c"
-    runner1 = U.PoolProcess(name1, 1, workers=1, run_dir=f"/tmp/njc{os.getpid()}")
-    kind = BP.DirectKind()
-    plain: list[int] = []
-    try:
-        runner1.start()
-        kind.setup()
-        pool = noodle.attach(name1)
-        seg = Segment.attach(name1)
-        try:
-            h0 = seg.histograms()
-            for _ in range(4):
-                plain += BP.plain_cycles(pool, cycles // 4)
-                kind.cycles(cycles // 4)
-            stages = BP.hist_delta(h0, seg.histograms())
-            trace = BP.traced_cycles(pool, seg, 5 if q else 15)
-        finally:
-            seg.close()
-            pool.close()
-    finally:
-        try:
-            kind.teardown()
-        finally:
-            out["stop_cycle"] = runner1.stop()
-    direct = kind.result()
+    plain, direct, stages, trace, out["stop_cycle"] = BP.lifecycle_cycles(
+        f"{PREFIX}c", f"/tmp/njc{os.getpid()}", cycles, 4, 5 if q else 15
+    )
     plain_s = U.summary(plain, 1e-6, 3)
     out["cycle"] = {"plain_ms": plain_s, "plain_mean_ms": round(sum(plain) / len(plain) / 1e6, 3),
                     "direct": direct, "stages_us": stages, "traced": trace,

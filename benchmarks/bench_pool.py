@@ -400,6 +400,39 @@ class DirectKind:
 # ---- main ---------------------------------------------------------------------------
 
 
+def lifecycle_cycles(
+    name: str, run_dir: str, cycles: int, blocks: int, traced: int
+) -> tuple[list[int], dict[str, Any], dict[str, dict[str, float]], dict[str, Any], Any]:
+    """One slot's lifecycle through a 1-slot pool against the kind's four
+    steps called directly, interleaved in ``blocks`` so both see the same
+    machine: (plain cycle ns, direct result, stage histograms, traced
+    cycles, the pool's stop info)."""
+    runner = U.PoolProcess(name, 1, workers=1, run_dir=run_dir)
+    kind = DirectKind()
+    plain: list[int] = []
+    try:
+        runner.start()
+        kind.setup()
+        pool = noodle.attach(name)
+        seg = Segment.attach(name)
+        try:
+            h0 = seg.histograms()
+            for _ in range(blocks):
+                plain += plain_cycles(pool, cycles // blocks)
+                kind.cycles(cycles // blocks)
+            stages = hist_delta(h0, seg.histograms())
+            trace = traced_cycles(pool, seg, traced)
+        finally:
+            seg.close()
+            pool.close()
+    finally:
+        try:
+            kind.teardown()
+        finally:
+            stop = runner.stop()
+    return plain, kind.result(), stages, trace, stop
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer jobs and cycles (about 30 s)")
@@ -480,34 +513,12 @@ def main() -> int:
     finally:
         stop_info["big"] = runner.stop()
 
-    name1 = f"{PREFIX}c"
-    runner1 = U.PoolProcess(name1, 1, workers=1, run_dir=f"/tmp/nc{os.getpid()}")
-    kind = DirectKind()
-    plain: list[int] = []
-    try:
-        blocks = 2 if q else 4
-        print(f"  1-slot pool: {cycles} plain lifecycle cycles interleaved with {cycles} direct kind cycles, "
-              f"then {traced} traced ...", flush=True)  # fmt: skip
-        runner1.start()
-        kind.setup()
-        pool = noodle.attach(name1)
-        seg = Segment.attach(name1)
-        try:
-            h0 = seg.histograms()
-            for _ in range(blocks):
-                plain += plain_cycles(pool, cycles // blocks)
-                kind.cycles(cycles // blocks)
-            cycle_stages = hist_delta(h0, seg.histograms())
-            trace = traced_cycles(pool, seg, traced)
-        finally:
-            seg.close()
-            pool.close()
-    finally:
-        try:
-            kind.teardown()
-        finally:
-            stop_info["cycle"] = runner1.stop()
-    direct = kind.result()
+    blocks = 2 if q else 4
+    print(f"  1-slot pool: {cycles} plain lifecycle cycles interleaved with {cycles} direct kind cycles, "
+          f"then {traced} traced ...", flush=True)  # fmt: skip
+    plain, direct, cycle_stages, trace, stop_info["cycle"] = lifecycle_cycles(
+        f"{PREFIX}c", f"/tmp/nc{os.getpid()}", cycles, blocks, traced
+    )
 
     # ---- summarise
     plain_mean = sum(plain) / len(plain) / 1e6

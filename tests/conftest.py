@@ -4,6 +4,7 @@ is left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -179,6 +180,27 @@ class Supervisor:
         finally:
             self.log.close()
         return code
+
+
+@contextlib.contextmanager
+def running_pool(name: str, pool_size: int, log_dir: Path) -> Iterator[Any]:
+    """A real pool for a module's tests, attached and full; afterwards the
+    supervisor must stop with 0 and nothing of the pool (its run directory
+    included) may be left."""
+    run_dir = tempfile.mkdtemp(prefix="nm", dir="/tmp")  # short: socket paths stay under 108 bytes
+    sup = Supervisor(name, run_dir, ["--pool-size", str(pool_size)], None, log_dir / "supervisor.log")
+    try:
+        pool = sup.attach()
+        wait_full(pool)
+        yield pool
+        pool.close()
+        assert sup.stop() == 0, sup.logtext()
+    finally:
+        if sup.proc.poll() is None:
+            sup.proc.kill()
+            sup.proc.wait()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        assert_nothing_left(name)
 
 
 def wait_for(pred: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:

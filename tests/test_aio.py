@@ -12,14 +12,13 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 import noodle
 from noodle import aio, codec
-from tests.conftest import Supervisor, assert_nothing_left, wait_for, wait_full
+from tests.conftest import Supervisor, running_pool, wait_for, wait_full
 
 pytestmark = pytest.mark.timeout(240)
 POOL_SIZE = 2
@@ -27,22 +26,8 @@ POOL_SIZE = 2
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    name = f"t{os.getpid()}xaio"
-    root = tmp_path_factory.mktemp("a")
-    run_dir = Path("/tmp") / f"na{os.getpid()}"
-    run_dir.mkdir(exist_ok=True)
-    sup = Supervisor(name, str(run_dir), ["--pool-size", str(POOL_SIZE)], None, root / "supervisor.log")
-    try:
-        p = sup.attach()
-        wait_full(p)
+    with running_pool(f"t{os.getpid()}xaio", POOL_SIZE, tmp_path_factory.mktemp("a")) as p:
         yield p
-        p.close()
-        assert sup.stop() == 0, sup.logtext()
-    finally:
-        if sup.proc.poll() is None:
-            sup.proc.kill()
-            sup.proc.wait()
-        assert_nothing_left(name)
 
 
 def settled(pool: Any) -> None:

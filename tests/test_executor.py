@@ -26,7 +26,7 @@ import pytest
 
 import noodle
 from noodle.host.proc import is_alive
-from tests.conftest import REPO, Supervisor, assert_nothing_left, wait_for, wait_full
+from tests.conftest import REPO, running_pool, wait_for, wait_full
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -41,22 +41,8 @@ POOL_SIZE = 4
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One process-kind pool for the module's contract tests; at the end it
     is stopped and checked for leftovers like every test pool."""
-    name = f"t{os.getpid()}xexec"
-    root = tmp_path_factory.mktemp("x")
-    run_dir = Path("/tmp") / f"nx{os.getpid()}"
-    run_dir.mkdir(exist_ok=True)
-    sup = Supervisor(name, str(run_dir), ["--pool-size", str(POOL_SIZE)], None, root / "supervisor.log")
-    try:
-        p = sup.attach()
-        wait_full(p)
+    with running_pool(f"t{os.getpid()}xexec", POOL_SIZE, tmp_path_factory.mktemp("x")) as p:
         yield p
-        p.close()
-        assert sup.stop() == 0, sup.logtext()
-    finally:
-        if sup.proc.poll() is None:
-            sup.proc.kill()
-            sup.proc.wait()
-        assert_nothing_left(name)
 
 
 @pytest.fixture

@@ -5,9 +5,12 @@ template, and the agent starts with only what every request needs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -82,7 +85,10 @@ def test_agent_starts_without_what_only_some_requests_need(tmp_path) -> None:
     assert out.stdout.strip() == "[]", out.stdout
 
 
-def test_agent_started_as_the_launchers_do_serves_every_op(tmp_path) -> None:
+@contextlib.contextmanager
+def launched_agent(tmp_path: Any) -> Iterator[tuple[str, int]]:
+    """The agent started as the sandbox launchers start it (isolated, no
+    site, a ready fd): (socket path, pid) once it reported ready."""
     sock = str(tmp_path / "a.sock")
     r, w = os.pipe()
     proc = subprocess.Popen(
@@ -92,6 +98,15 @@ def test_agent_started_as_the_launchers_do_serves_every_op(tmp_path) -> None:
     os.close(w)
     try:
         assert os.read(r, 1) == b"R"
+        yield sock, proc.pid
+    finally:
+        os.close(r)
+        proc.kill()
+        proc.wait()
+
+
+def test_agent_started_as_the_launchers_do_serves_every_op(tmp_path) -> None:
+    with launched_agent(tmp_path) as (sock, _pid):
         handle = AgentHandle(sock, timeout=30)
         assert handle.ping()
         assert handle.run("x = 2\nx * 21").result == 42
@@ -101,10 +116,6 @@ def test_agent_started_as_the_launchers_do_serves_every_op(tmp_path) -> None:
         with pytest.raises(Exception, match="ZeroDivisionError"):
             handle.run("1 / 0")
         handle.close()
-    finally:
-        os.close(r)
-        proc.kill()
-        proc.wait()
 
 
 @pytest.mark.parametrize(
@@ -181,23 +192,11 @@ def test_instances_fork_from_a_template_without_the_noodle_package(supervisor) -
 
 
 def test_checked_handle_refuses_an_agent_reporting_another_pid(tmp_path) -> None:
-    sock = str(tmp_path / "a.sock")
-    r, w = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-I", "-S", os.path.join(AGENT_DIR, "agent.py"), "--socket", sock, "--ready-fd", str(w)],
-        pass_fds=(w,),
-    )
-    os.close(w)
-    try:
-        assert os.read(r, 1) == b"R"
-        assert AgentHandle.checked(sock, 10, pid=proc.pid + 100000) is None
-        good = AgentHandle.checked(sock, 10, pid=proc.pid)
-        assert good is not None and good.call("os:getpid") == proc.pid
+    with launched_agent(tmp_path) as (sock, pid):
+        assert AgentHandle.checked(sock, 10, pid=pid + 100000) is None
+        good = AgentHandle.checked(sock, 10, pid=pid)
+        assert good is not None and good.call("os:getpid") == pid
         good.close()
-    finally:
-        os.close(r)
-        proc.kill()
-        proc.wait()
 
 
 VALUES = [
