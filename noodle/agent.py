@@ -101,9 +101,13 @@ def read_frame(rfile: Stream) -> dict[str, Any] | None:
 
 
 def write_frame(wfile: Stream, msg: dict[str, Any]) -> None:
-    body = _dumps(msg, repr).encode()
-    wfile.write(_LEN.pack(len(body)) + body)
+    wfile.write(frame(_dumps(msg, repr).encode()))
     wfile.flush()
+
+
+def frame(body: bytes) -> bytes:
+    """A JSON body with its length prefix: one frame on the wire."""
+    return _LEN.pack(len(body)) + body
 
 
 def _read_exact(rfile: Stream, n: int, allow_eof: bool) -> bytes | None:

@@ -71,6 +71,51 @@ def test_instances_come_from_a_frozen_warmed_template(supervisor) -> None:
     pool.close()
 
 
+def test_a_published_instance_leads_its_own_session_and_records_its_identity(supervisor) -> None:
+    """Instances warm inside the pool's session (one scheduling group for
+    all refill work) and leave it before they serve: a published one leads
+    its own session and process group, and the spawn step's recorded
+    identity is the one its pidfile holds."""
+    from noodle.host.launch import read_pidfile
+    from noodle.host.proc import start_time
+
+    sup = supervisor("--pool-size", "2")
+    pool = sup.attach()
+    wait_full(pool)
+    zygotes = [pid for pid, title in pool_processes(sup.name) if "zygote" in title.split()]
+    assert len(zygotes) == 1
+    zygote_sid = os.getsid(zygotes[0])
+    for _ in range(3):
+        with pool.get(timeout=10) as lease:
+            pid = lease.descriptor["pid"]
+            assert os.getsid(pid) == pid and os.getpgid(pid) == pid
+            assert zygote_sid != pid
+            assert lease.descriptor["start"] == start_time(pid)
+            recorded = read_pidfile(os.path.join(lease.descriptor["dir"], "instance.pid"))
+            assert recorded is not None and (recorded.pid, recorded.start) == (pid, lease.descriptor["start"])
+            assert lease.instance.call("os:getpid") == pid
+    pool.close()
+
+
+def test_an_instance_killed_before_it_leads_a_group_is_killed_alone() -> None:
+    """terminate and clean of an instance still warming: it is not yet the
+    leader of a group, so the group signal finds nothing and the process
+    itself must go (not a five-second wait and a failed step)."""
+    from noodle.host.proc import start_time
+    from noodle.kinds.process import _kill_group
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = start_time(child.pid)
+        assert start is not None and os.getpgid(child.pid) != child.pid
+        _kill_group(child.pid, start, timeout=10)
+        assert child.wait(10) == -9
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
 def test_agent_starts_without_what_only_some_requests_need(tmp_path) -> None:
     """Spawn-to-ready of the sandbox kinds is the agent's start-up: importing
     it must not pull in ast, subprocess, traceback, typing, argparse, nor the

@@ -43,11 +43,18 @@ def read_stat(pid: int) -> Stat | None:
     """``pid``'s stat, zombies included; None when there is no such pid."""
     if pid <= 0:
         return None
+    # os-level calls, no file objects: a freshly forked instance reads its
+    # own stat, and every page the read writes is a copy-on-write fault
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        raw = os.read(fd, 4096)  # comm is at most 64 bytes: the line fits
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     # comm may hold spaces and parentheses: the fields resume after the last ')'
     rest = raw[raw.rfind(b")") + 2 :].split()
     try:

@@ -136,12 +136,20 @@ class ProcessKind(AgentKind):
         }  # fmt: skip
         timeout = float(o["spawn_timeout"])
         reply = _zygote_request(self.zygote_socket, req, timeout)
-        pid, start = int(reply["pid"]), int(reply["start"])
-        descriptor = {"pid": pid, "start": start, "socket": sock_path, "dir": slot.dir}
-        if not AgentHandle.probe(sock_path, timeout):
-            _kill_group(pid, start)
+        pid = reply.get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            raise StepFailed(f"zygote answered without a pid: {reply!r}")
+        # Its start time is read here, once the agent on the slot's socket
+        # has answered as that pid: the process is alive and ours, so the
+        # identity recorded is the instance's, not a reused pid's.
+        answered = AgentHandle.checked(sock_path, timeout, pid)
+        start = start_time(pid) if answered is not None else None
+        if answered is not None:
+            answered.close()
+        if start is None:
+            _kill_recorded(slot)
             raise StepFailed(f"instance pid {pid} did not answer its first ping within {timeout} s")
-        return descriptor
+        return {"pid": pid, "start": start, "socket": sock_path, "dir": slot.dir}
 
     def terminate(self, slot: SlotContext, descriptor: Mapping[str, Any]) -> None:
         pid, start = descriptor.get("pid"), descriptor.get("start")
@@ -195,7 +203,8 @@ def _kill_group(pid: int, start: int, timeout: float = 5.0) -> None:
     gone. The leader's start time guards against a reused pid; while any
     member of the group lives the kernel does not hand its id out again."""
     leader = ProcessIdentity(pid, start)
-    if not leader.signal(signal.SIGKILL, group=True) and start_time(pid) is None:
+    # alone when it does not lead a group yet (killed while still warming)
+    if not leader.signal(signal.SIGKILL, group=True) and not leader.signal(signal.SIGKILL) and start_time(pid) is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)  # stragglers of a dead leader
     if not leader.wait_gone(timeout):

@@ -6,7 +6,7 @@ descriptors), it imports the configured modules and then forks one
 instance per request::
 
     spawn worker --[fork {slot, dir, ...}]--> zygote --fork--> instance
-                 <--[{pid, start}]---------         (setsid, limits,
+                 <--[{pid}]----------------         (setsid, limits,
                                                      agent on dir/instance.sock)
 
 The listening socket is bound here before the fork, so the instance is
@@ -66,21 +66,35 @@ _RLIMITS = {"as": resource.RLIMIT_AS, "nproc": resource.RLIMIT_NPROC, "cpu": res
 
 
 def _become_instance(req: dict[str, Any], listener: _socket.socket) -> None:
-    """In the forked child: drop to the requested identity and serve."""
-    os.setsid()  # its own process group: terminate kills the group
+    """In the forked child: drop to the requested identity, warm up, serve.
+
+    It leaves the zygote's session only once warm. Until then it is part
+    of the pool's refill work, which the scheduler (with autogroups, one
+    per session) weighs as one group however many instances are warming;
+    from ``setsid()`` on it is a group of its own, as the executor that
+    will call it is, so refilling behind a lease does not crowd out the
+    lease's own calls. ``terminate`` kills the group it then leads (and
+    the process alone, if it is killed before)."""
     if _setproctitle is not None:
         _setproctitle(f"noodle instance {req.get('pool', '')} {req.get('slot', '')}")
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
     slot_dir = str(req["dir"])
-    with open(os.path.join(slot_dir, "instance.pid"), "w") as f:
-        f.write(f"{os.getpid()} {start_time(os.getpid()) or 0}\n")
+    # first, so a spawn worker that dies before publishing still leaves the
+    # record clean() kills by; os-level calls, since every page the child
+    # writes is a copy-on-write fault paid per instance
+    me = os.getpid()
+    fd = os.open(os.path.join(slot_dir, "instance.pid"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, b"%d %d\n" % (me, start_time(me) or 0))
+    finally:
+        os.close(fd)
     for name, value in (req.get("rlimits") or {}).items():
         if value:
             resource.setrlimit(_RLIMITS[name], (int(value), int(value)))
-    cwd = req.get("cwd") or slot_dir
-    os.makedirs(cwd, exist_ok=True)
+    cwd = req.get("cwd")
+    if cwd:
+        os.makedirs(cwd, exist_ok=True)
+    else:
+        cwd = slot_dir  # prepare() made it
     gid, uid = req.get("gid"), req.get("uid")
     if gid is not None:
         os.setgroups([])
@@ -89,22 +103,34 @@ def _become_instance(req: dict[str, Any], listener: _socket.socket) -> None:
         os.setuid(int(uid))
     os.chdir(cwd)
     warm()
+    os.setsid()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     agent.serve_socket(listener)
 
 
 def warm() -> None:
     """Run one request through the agent's whole path (decode, import,
-    call, capture, encode) in this process. In the zygote this fills the
-    caches every instance then shares; in a fresh instance it pays the
+    call, capture, encode) in this process, with the results pickled as a
+    lease of this kind asks for them. In the zygote this fills the caches
+    every instance then shares; in a fresh instance it pays the
     copy-on-write faults on the pages that path writes before the spawn
     step's ping returns, so the instance is published warm and its first
     lease pays nothing extra."""
     buf = io.BytesIO()
-    agent.write_frame(buf, {"op": "call", "target": "math:factorial", "args": [20], "kwargs": {}})
+    call = {"op": "call", "target": "math:factorial", "args": [20], "kwargs": {}, "results": "pickle"}
+    agent.write_frame(buf, call)
     buf.seek(0)
     req = agent.read_frame(buf)
     if req is not None:
         agent.write_frame(io.BytesIO(), agent.Agent().handle(req))
+
+
+def _pid_frame(pid: int) -> bytes:
+    """The reply frame, formatted without an encoder: fewer pages written."""
+    body = b'{"ok": true, "pid": %d}' % pid
+    return agent.frame(body)
 
 
 def _serve_one(conn: socket.socket) -> None:
@@ -132,7 +158,10 @@ def _serve_one(conn: socket.socket) -> None:
                 code = 1
             os._exit(code)
         listener.close()
-        agent.write_frame(wfile, {"ok": True, "pid": pid, "start": start_time(pid)})
+        # the pid only: the spawn worker reads the start time once the
+        # instance has answered, since every page this template writes
+        # between forks is copied again (64 live instances share it)
+        conn.sendall(_pid_frame(pid))
 
 
 def main(argv: list[str] | None = None) -> int:
