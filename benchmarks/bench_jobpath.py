@@ -7,7 +7,11 @@ process kind (a real ``noodle run`` supervisor, default options plus
 * job: ``get()`` + ``call("math:factorial", 20)`` + ``release()`` back to
   back from a full pool of 64, so the pool refills behind the jobs (p50, p99);
   against a small parent (``python -I -S``, nothing imported) forking a
-  child per job that computes the same and writes it to a pipe;
+  child per job that computes the same and writes it to a pipe; the same
+  job with nothing refilling behind it (leases held until the end of a
+  round); and the floor under both, one Unix-socket round trip to a
+  process that slept 1 ms meanwhile (a job with the health check makes
+  two: the ping, then the call);
 * sustained: 4 client processes share the pool and run 3x its size in
   jobs, so most jobs need a fresh instance; against 4 small parents forking
   per job and 4 clients starting a ``multiprocessing`` forkserver process
@@ -36,6 +40,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -155,6 +160,32 @@ def fork_parents(clients: int, per: int) -> dict[str, Any]:
     return run_clients([[sys.executable, "-I", "-S", "-c", FORK_PARENT, str(per)] for _ in range(clients)], 1.0)
 
 
+def socket_round_trips(n: int, idle_s: float = 0.001) -> dict[str, Any]:
+    """The floor under a job's two requests: one byte there and back over
+    a Unix socket to a process that slept ``idle_s`` meanwhile, as an
+    instance waits between a lease's steps (wake-up latency included)."""
+    a, b = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        a.close()
+        while b.recv(1):
+            b.send(b"x")
+        os._exit(0)
+    b.close()
+    lat = []
+    try:
+        for _ in range(n):
+            time.sleep(idle_s)
+            t0 = time.monotonic_ns()
+            a.send(b"x")
+            a.recv(1)
+            lat.append(time.monotonic_ns() - t0)
+    finally:
+        a.close()
+        os.waitpid(pid, 0)
+    return {"n": n, "idle_s": idle_s, "latency_ms": U.summary(lat, 1e-6, 3)}
+
+
 def me(*args: str) -> list[str]:
     return [sys.executable, os.path.abspath(__file__), "--client", *args]
 
@@ -203,6 +234,11 @@ def bench_process(q: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                 "release_ms": U.summary([x[2] for x in parts], 1e-6, 3),
                 "counters": BP.counter_delta(c0, seg.counters()),
             }
+            held: list[int] = []
+            for _ in range(rounds):
+                runner.wait_full(pool, 300)
+                held += BP.pool_jobs_held(pool, size)[0]
+            out["pool_1_held"] = {"jobs": len(held), "latency_ms": U.summary(held, 1e-6, 3)}
             runner.wait_full(pool, 300)
             print(f"  pool, {CLIENTS} clients x {per_sustained} jobs (sustained) ...", flush=True)
             c0 = seg.counters()
@@ -225,10 +261,16 @@ def bench_process(q: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                     "overhead_p50_ms": round(plain_s["p50"] - direct["sum_ms"]["p50"], 3),
                     "overhead_mean_ms": round(sum(plain) / len(plain) / 1e6 - direct["sum_mean_ms"], 3)}  # fmt: skip
 
-    f1, p1 = out["fork_1"]["latency_ms"], out["pool_1"]["latency_ms"]
+    out["socket_rt"] = socket_round_trips(size * rounds)
+    f1, p1, ph = out["fork_1"]["latency_ms"], out["pool_1"]["latency_ms"], out["pool_1_held"]["latency_ms"]
+    rt = out["socket_rt"]["latency_ms"]
     rows = [
         ["job, 1 client: pool get+call+release (refilling behind)", p1["p50"], p1["p99"], None,
          U.ratio(p1["p50"], f1["p50"], 2)],
+        ["job, 1 client: pool get+call, nothing refilling (leases held to the end)", ph["p50"], ph["p99"], None,
+         U.ratio(ph["p50"], f1["p50"], 2)],
+        ["floor: one Unix-socket round trip to a process idle for 1 ms (a job makes two)", rt["p50"], rt["p99"],
+         None, U.ratio(rt["p50"], f1["p50"], 2)],
         ["job, 1 client: small parent forks a child per job", f1["p50"], f1["p99"], None, 1.0],
         [f"sustained, {CLIENTS} clients: pool", out["pool_4"]["latency_ms"]["p50"],
          out["pool_4"]["latency_ms"]["p99"], out["pool_4"]["jobs_per_s"], None],
@@ -241,6 +283,7 @@ def bench_process(q: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     pj = out["pool_4"]["jobs_per_s"]
     summary = {
         "job_p50_ms": p1["p50"], "job_p99_ms": p1["p99"], "job_p50_over_fork": U.ratio(p1["p50"], f1["p50"], 2),
+        "job_no_refill_p50_ms": ph["p50"], "socket_round_trip_p50_ms": rt["p50"],
         "sustained_jobs_per_s": pj,
         "sustained_over_forkserver": U.ratio(pj, out["forkserver_4"]["jobs_per_s"], 2),
         "sustained_over_fork_parents": U.ratio(pj, out["fork_4"]["jobs_per_s"], 2),
