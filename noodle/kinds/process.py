@@ -148,7 +148,7 @@ class ProcessKind(AgentKind):
             answered.close()
         if start is None:
             _kill_recorded(slot)
-            raise StepFailed(f"instance pid {pid} did not answer its first ping within {timeout} s")
+            raise StepFailed(f"instance pid {pid} did not answer its first ping within {timeout} s, or exited")
         return {"pid": pid, "start": start, "socket": sock_path, "dir": slot.dir}
 
     def terminate(self, slot: SlotContext, descriptor: Mapping[str, Any]) -> None:
