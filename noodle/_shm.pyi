@@ -13,6 +13,14 @@ class LeaseBase:
     _released: bool
     def __init__(self) -> None: ...
 
+class PoolBase:
+    _closed: bool
+    _default_health: bool
+    @property
+    def _core(self) -> Core | None: ...
+    def get(self, timeout: float | None = ..., health: bool | None = None) -> LeaseBase: ...
+    def _bind(self, core: Core, lease_cls: type[LeaseBase], stale_ns: int, /) -> None: ...
+
 class Core:
     def __init__(
         self,
