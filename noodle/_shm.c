@@ -710,6 +710,88 @@ static int lease_class_ok(PyObject *cls) {
            ((PyTypeObject *)cls)->tp_basicsize == LeaseBaseType.tp_basicsize;
 }
 
+/* ---- plain_lease(cls): the lease class without the cost of a class statement
+   A class statement makes a GC-tracked type whose instances are torn down
+   by the generic subtype_dealloc (finalizer protocol, slots, dict, weakref
+   walk): with the allocation, a tenth of a get() when the previous lease is
+   dropped. plain_lease() makes the same class as a LeaseBase subtype
+   without GC (a lease refers to its pool and handle; nothing refers back to
+   a lease), gives it cls's attributes (methods, properties, docstring) and
+   the deallocator below. */
+static void lease_plain_dealloc(PyObject *self) {
+    LeaseBase *l = (LeaseBase *)self;
+    PyTypeObject *tp = Py_TYPE(self);
+    /* the finalizer (Lease._dropped) only for a lease dropped unreleased */
+    if (!l->released && l->pool != NULL && PyObject_CallFinalizerFromDealloc(self) < 0) return; /* resurrected */
+    Py_CLEAR(l->pool);
+    Py_CLEAR(l->raw);
+    Py_CLEAR(l->desc);
+    Py_CLEAR(l->instance);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyObject *mod_plain_lease(PyObject *m, PyObject *arg) {
+    (void)m;
+    if (!PyType_Check(arg) || ((PyTypeObject *)arg)->tp_base != &LeaseBaseType ||
+        ((PyTypeObject *)arg)->tp_basicsize != LeaseBaseType.tp_basicsize ||
+        ((PyTypeObject *)arg)->tp_dictoffset != 0 || ((PyTypeObject *)arg)->tp_weaklistoffset != 0) {
+        PyErr_SetString(PyExc_TypeError, "plain_lease(cls): cls subclasses LeaseBase directly with __slots__ = ()");
+        return NULL;
+    }
+    PyTypeObject *cls = (PyTypeObject *)arg;
+    PyObject *dict = cls->tp_dict, *module = PyDict_GetItemString(dict, "__module__"), *qual = NULL, *name = NULL;
+    PyObject *bases = NULL, *type = NULL;
+    char *cname = NULL;
+    if (!module || !PyUnicode_Check(module)) {
+        PyErr_SetString(PyExc_TypeError, "plain_lease(cls): cls has no __module__");
+        return NULL;
+    }
+    qual = PyObject_GetAttrString(arg, "__qualname__");
+    if (!qual) return NULL;
+    name = PyUnicode_FromFormat("%U.%U", module, qual);
+    if (!name) goto done;
+    Py_ssize_t n;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(name, &n);
+    if (!utf8) goto done;
+    /* the type keeps pointing at its spec's name: a copy that lives as long as the process */
+    cname = PyMem_RawMalloc((size_t)n + 1);
+    if (!cname) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    memcpy(cname, utf8, (size_t)n + 1);
+    PyType_Slot slots[] = {
+        {Py_tp_dealloc, (void *)lease_plain_dealloc},
+        {Py_tp_finalize, (void *)lease_finalize},
+        {0, NULL},
+    };
+    PyType_Spec spec = {cname, (int)sizeof(LeaseBase), 0, Py_TPFLAGS_DEFAULT, slots};
+    bases = PyTuple_Pack(1, (PyObject *)&LeaseBaseType);
+    if (!bases) goto done;
+    type = PyType_FromSpecWithBases(&spec, bases);
+    if (!type) goto done;
+    cname = NULL; /* owned by the type now */
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(dict, &pos, &key, &value)) {
+        if (PyUnicode_Check(key) && (PyUnicode_CompareWithASCIIString(key, "__dict__") == 0 ||
+                                     PyUnicode_CompareWithASCIIString(key, "__weakref__") == 0))
+            continue;
+        if (PyObject_SetAttr(type, key, value) < 0) {
+            Py_CLEAR(type);
+            goto done;
+        }
+    }
+    if (PyObject_SetAttrString(type, "__qualname__", qual) < 0) Py_CLEAR(type);
+done:
+    if (cname) PyMem_RawFree(cname);
+    Py_XDECREF(qual);
+    Py_XDECREF(name);
+    Py_XDECREF(bases);
+    return type;
+}
+
 /* Acquire and build the lease object in one go. Returns a new lease, or NULL
    with *status set: a status code, or -1 with an exception set. The caller
    has checked the core is open and cls with lease_class_ok(). */
@@ -1318,6 +1400,7 @@ static PyMethodDef mod_methods[] = {
     {"futex_wake", mod_futex_wake, METH_VARARGS, "futex_wake(buf, off, n) -> woken"},
     {"add32", mod_add32, METH_VARARGS, "add32(buf, off, v) -> new value"},
     {"start_time", mod_start_time, METH_O, "start_time(pid) -> clock ticks since boot, 0 if gone"},
+    {"plain_lease", mod_plain_lease, METH_O, "plain_lease(cls) -> cls rebuilt as a LeaseBase subtype without GC"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,4 +1,4 @@
-from typing import Any
+from typing import Any, TypeVar
 
 from _typeshed import ReadableBuffer, WriteableBuffer
 
@@ -67,3 +67,7 @@ def futex_wait(buf: WriteableBuffer, offset: int, expected: int, timeout_ns: int
 def futex_wake(buf: WriteableBuffer, offset: int, n: int, /) -> int: ...
 def add32(buf: WriteableBuffer, offset: int, value: int, /) -> int: ...
 def start_time(pid: int, /) -> int: ...
+
+_L = TypeVar("_L", bound=type[LeaseBase])
+
+def plain_lease(cls: _L, /) -> _L: ...

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from noodle import layout as L
 from noodle import queues
-from noodle._shm import LeaseBase, PoolBase
+from noodle._shm import LeaseBase, PoolBase, plain_lease
 from noodle.errors import (
     InstanceGone,
     LeaseReleased,
@@ -51,6 +51,9 @@ _HEARTBEAT = int(L.Status.HEARTBEAT)
 _UNTRIED = -1  # not a status: the first try was skipped (health check on, or closed); UNTRIED in _shm.c
 
 
+# plain_lease: the same class, without GC tracking and with a short deallocator
+# (get() allocates one per call and usually drops the previous one)
+@plain_lease
 class Lease(LeaseBase):
     """One instance, held until released. Use as a context manager.
 
