@@ -735,7 +735,8 @@ static PyObject *mod_plain_lease(PyObject *m, PyObject *arg) {
     (void)m;
     if (!PyType_Check(arg) || ((PyTypeObject *)arg)->tp_base != &LeaseBaseType ||
         ((PyTypeObject *)arg)->tp_basicsize != LeaseBaseType.tp_basicsize ||
-        ((PyTypeObject *)arg)->tp_dictoffset != 0 || ((PyTypeObject *)arg)->tp_weaklistoffset != 0) {
+        ((PyTypeObject *)arg)->tp_dictoffset != 0 || ((PyTypeObject *)arg)->tp_weaklistoffset != 0 ||
+        (((PyTypeObject *)arg)->tp_flags & Py_TPFLAGS_MANAGED_DICT)) {
         PyErr_SetString(PyExc_TypeError, "plain_lease(cls): cls subclasses LeaseBase directly with __slots__ = ()");
         return NULL;
     }
@@ -766,7 +767,7 @@ static PyObject *mod_plain_lease(PyObject *m, PyObject *arg) {
         {Py_tp_finalize, (void *)lease_finalize},
         {0, NULL},
     };
-    PyType_Spec spec = {cname, (int)sizeof(LeaseBase), 0, Py_TPFLAGS_DEFAULT, slots};
+    PyType_Spec spec = {cname, (int)sizeof(LeaseBase), 0, Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE, slots};
     bases = PyTuple_Pack(1, (PyObject *)&LeaseBaseType);
     if (!bases) goto done;
     type = PyType_FromSpecWithBases(&spec, bases);

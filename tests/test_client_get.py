@@ -18,6 +18,7 @@ import pytest
 import noodle
 from noodle import layout as L
 from noodle import queues
+from noodle._shm import LeaseBase, plain_lease
 from noodle.client import Lease, Pool
 from noodle.segment import Segment, segment_name
 from tests.test_segment import make_ready
@@ -195,3 +196,42 @@ def test_lease_refcounts_are_balanced(bare: Segment, pool: Pool) -> None:
         assert lease.release()
         del lease
     assert sys.getrefcount(pool) == before
+
+
+def test_lease_class_is_plain_and_complete() -> None:
+    assert (Lease.__module__, Lease.__qualname__, Lease.__name__) == ("noodle.client", "Lease", "Lease")
+    assert issubclass(Lease, LeaseBase) and Lease.__doc__ and "context manager" in Lease.__doc__
+    for name in ("release", "descriptor", "instance", "released", "__enter__", "__exit__", "__aenter__",
+                 "__aexit__", "__repr__", "_dropped"):  # fmt: skip
+        assert name in Lease.__dict__, name
+    lease = Lease.__new__(Lease)
+    assert not gc.is_tracked(lease)  # nothing refers back to a lease: no cycle to collect
+
+
+@pytest.mark.parametrize("body", ["fields", "dict", "indirect", "not_a_lease"])
+def test_plain_lease_refuses_classes_it_cannot_rebuild(body: str) -> None:
+    if body == "fields":
+        cls: type = type("X", (LeaseBase,), {"__slots__": ("extra",)})
+    elif body == "dict":
+        cls = type("X", (LeaseBase,), {})
+    elif body == "indirect":
+        cls = type("X", (Lease,), {"__slots__": ()})
+    else:
+        cls = type("X", (), {"__slots__": ()})
+    with pytest.raises(TypeError, match="plain_lease"):
+        plain_lease(cls)
+
+
+def test_dropped_leases_of_lease_and_of_a_subclass_are_released_once(bare: Segment, pool: Pool) -> None:
+    class Sub(Lease):  # a user's subclass: GC-tracked again, torn down by Python then by Lease
+        __slots__ = ()
+
+    for slot, cls in ((0, Lease), (1, Sub)):
+        make_ready(bare, slot)
+        lease = bare.core.lease(cls, pool, 0, 0)
+        assert type(lease) is cls and lease.slot == slot
+        with pytest.warns(ResourceWarning, match="never released"):
+            del lease
+            gc.collect()
+        assert L.word_state(bare.core.load(slot)) == L.State.TERMINATE
+    assert bare.counters()["releases"] == 2 and bare.counters()["stale_releases"] == 0
