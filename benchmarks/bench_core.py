@@ -657,7 +657,8 @@ def get_vs_queues(samples: int, reps: int, cpu: int | None) -> dict[str, Any]:
         runs += [("mq", lambda: mq_prefilled(samples // reps, cpu)),
                  ("mpq", lambda: mpq_prefilled(samples // reps, cpu))]  # fmt: skip
         # rotate the order: on a shared host load drifts, and no row should always run first or last
-        runs = runs[rep % len(runs):] + runs[:rep % len(runs)]
+        shift = rep % len(runs)
+        runs = runs[shift:] + runs[:shift]
         rep_p50: dict[str, float] = {}
         rep_timers: list[int] = []
         for key, fn in runs:
@@ -707,8 +708,14 @@ def get_vs_queues(samples: int, reps: int, cpu: int | None) -> dict[str, Any]:
          worst <= 1.5 * min(net[f"get{n}"] for n in GET_SIZES)],
     ]  # fmt: skip
     t_targets = U.table("Pool.get() targets", ["target", "measured", "goal", "met"], targets)
-    return {"stats": st, "batch": bst, "net_p50_ns": net, "timer_p50_ns": t50, "mq_ratio_per_repetition": per_rep,
-            "tables": [t_targets, t_rows]}
+    return {
+        "stats": st,
+        "batch": bst,
+        "net_p50_ns": net,
+        "timer_p50_ns": t50,
+        "mq_ratio_per_repetition": per_rep,
+        "tables": [t_targets, t_rows],
+    }
 
 
 def main() -> int:
