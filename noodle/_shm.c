@@ -743,7 +743,6 @@ static PyObject *mod_plain_lease(PyObject *m, PyObject *arg) {
     PyTypeObject *cls = (PyTypeObject *)arg;
     PyObject *dict = cls->tp_dict, *module = PyDict_GetItemString(dict, "__module__"), *qual = NULL, *name = NULL;
     PyObject *bases = NULL, *type = NULL;
-    char *cname = NULL;
     if (!module || !PyUnicode_Check(module)) {
         PyErr_SetString(PyExc_TypeError, "plain_lease(cls): cls has no __module__");
         return NULL;
@@ -752,27 +751,18 @@ static PyObject *mod_plain_lease(PyObject *m, PyObject *arg) {
     if (!qual) return NULL;
     name = PyUnicode_FromFormat("%U.%U", module, qual);
     if (!name) goto done;
-    Py_ssize_t n;
-    const char *utf8 = PyUnicode_AsUTF8AndSize(name, &n);
+    const char *utf8 = PyUnicode_AsUTF8(name); /* copied by the type (3.11+: _ht_tpname) */
     if (!utf8) goto done;
-    /* the type keeps pointing at its spec's name: a copy that lives as long as the process */
-    cname = PyMem_RawMalloc((size_t)n + 1);
-    if (!cname) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    memcpy(cname, utf8, (size_t)n + 1);
     PyType_Slot slots[] = {
         {Py_tp_dealloc, (void *)lease_plain_dealloc},
         {Py_tp_finalize, (void *)lease_finalize},
         {0, NULL},
     };
-    PyType_Spec spec = {cname, (int)sizeof(LeaseBase), 0, Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE, slots};
+    PyType_Spec spec = {utf8, (int)sizeof(LeaseBase), 0, Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE, slots};
     bases = PyTuple_Pack(1, (PyObject *)&LeaseBaseType);
     if (!bases) goto done;
     type = PyType_FromSpecWithBases(&spec, bases);
     if (!type) goto done;
-    cname = NULL; /* owned by the type now */
     Py_ssize_t pos = 0;
     PyObject *key, *value;
     while (PyDict_Next(dict, &pos, &key, &value)) {
@@ -786,7 +776,6 @@ static PyObject *mod_plain_lease(PyObject *m, PyObject *arg) {
     }
     if (PyObject_SetAttrString(type, "__qualname__", qual) < 0) Py_CLEAR(type);
 done:
-    if (cname) PyMem_RawFree(cname);
     Py_XDECREF(qual);
     Py_XDECREF(name);
     Py_XDECREF(bases);
