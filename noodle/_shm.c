@@ -705,21 +705,88 @@ static PyTypeObject LeaseBaseType = {
     .tp_doc = "Storage of a lease (subclassed by noodle.client.Lease).",
 };
 
-/* lease(cls, pool, timeout_ns, stale_ns) -> cls instance or a status int:
-   get() building the lease object directly (cls: a LeaseBase subclass
-   adding no fields). */
-static PyObject *core_lease(Core *self, PyObject *const *args, Py_ssize_t nargs) {
-    CHECK_OPEN(self);
-    if (nargs != 4 || !PyType_Check(args[0]) || !PyType_IsSubtype((PyTypeObject *)args[0], &LeaseBaseType) ||
-        ((PyTypeObject *)args[0])->tp_basicsize != LeaseBaseType.tp_basicsize) {
-        PyErr_SetString(PyExc_TypeError, "lease(cls, pool, timeout_ns, stale_ns): cls extends LeaseBase, no fields");
+static int lease_class_ok(PyObject *cls) {
+    return PyType_Check(cls) && PyType_IsSubtype((PyTypeObject *)cls, &LeaseBaseType) &&
+           ((PyTypeObject *)cls)->tp_basicsize == LeaseBaseType.tp_basicsize;
+}
+
+/* ---- plain_lease(cls): the lease class without the cost of a class statement
+   A class statement makes a GC-tracked type whose instances are torn down
+   by the generic subtype_dealloc (finalizer protocol, slots, dict, weakref
+   walk): with the allocation, a tenth of a get() when the previous lease is
+   dropped. plain_lease() makes the same class as a LeaseBase subtype
+   without GC (a lease refers to its pool and handle; nothing refers back to
+   a lease), gives it cls's attributes (methods, properties, docstring) and
+   the deallocator below. */
+static void lease_plain_dealloc(PyObject *self) {
+    LeaseBase *l = (LeaseBase *)self;
+    PyTypeObject *tp = Py_TYPE(self);
+    /* the finalizer (Lease._dropped) only for a lease dropped unreleased */
+    if (!l->released && l->pool != NULL && PyObject_CallFinalizerFromDealloc(self) < 0) return; /* resurrected */
+    Py_CLEAR(l->pool);
+    Py_CLEAR(l->raw);
+    Py_CLEAR(l->desc);
+    Py_CLEAR(l->instance);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyObject *mod_plain_lease(PyObject *m, PyObject *arg) {
+    (void)m;
+    if (!PyType_Check(arg) || ((PyTypeObject *)arg)->tp_base != &LeaseBaseType ||
+        ((PyTypeObject *)arg)->tp_basicsize != LeaseBaseType.tp_basicsize ||
+        ((PyTypeObject *)arg)->tp_dictoffset != 0 || ((PyTypeObject *)arg)->tp_weaklistoffset != 0 ||
+        (((PyTypeObject *)arg)->tp_flags & Py_TPFLAGS_MANAGED_DICT)) {
+        PyErr_SetString(PyExc_TypeError, "plain_lease(cls): cls subclasses LeaseBase directly with __slots__ = ()");
         return NULL;
     }
-    PyTypeObject *cls = (PyTypeObject *)args[0];
-    long long timeout = PyLong_AsLongLong(args[2]);
-    if (timeout == -1 && PyErr_Occurred()) return NULL;
-    unsigned long long stale = PyLong_AsUnsignedLongLong(args[3]);
-    if (stale == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    PyTypeObject *cls = (PyTypeObject *)arg;
+    PyObject *dict = cls->tp_dict, *module = PyDict_GetItemString(dict, "__module__"), *qual = NULL, *name = NULL;
+    PyObject *bases = NULL, *type = NULL;
+    if (!module || !PyUnicode_Check(module)) {
+        PyErr_SetString(PyExc_TypeError, "plain_lease(cls): cls has no __module__");
+        return NULL;
+    }
+    qual = PyObject_GetAttrString(arg, "__qualname__");
+    if (!qual) return NULL;
+    name = PyUnicode_FromFormat("%U.%U", module, qual);
+    if (!name) goto done;
+    const char *utf8 = PyUnicode_AsUTF8(name); /* copied by the type (3.11+: _ht_tpname) */
+    if (!utf8) goto done;
+    PyType_Slot slots[] = {
+        {Py_tp_dealloc, (void *)lease_plain_dealloc},
+        {Py_tp_finalize, (void *)lease_finalize},
+        {0, NULL},
+    };
+    PyType_Spec spec = {utf8, (int)sizeof(LeaseBase), 0, Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE, slots};
+    bases = PyTuple_Pack(1, (PyObject *)&LeaseBaseType);
+    if (!bases) goto done;
+    type = PyType_FromSpecWithBases(&spec, bases);
+    if (!type) goto done;
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(dict, &pos, &key, &value)) {
+        if (PyUnicode_Check(key) && (PyUnicode_CompareWithASCIIString(key, "__dict__") == 0 ||
+                                     PyUnicode_CompareWithASCIIString(key, "__weakref__") == 0))
+            continue;
+        if (PyObject_SetAttr(type, key, value) < 0) {
+            Py_CLEAR(type);
+            goto done;
+        }
+    }
+    if (PyObject_SetAttrString(type, "__qualname__", qual) < 0) Py_CLEAR(type);
+done:
+    Py_XDECREF(qual);
+    Py_XDECREF(name);
+    Py_XDECREF(bases);
+    return type;
+}
+
+/* Acquire and build the lease object in one go. Returns a new lease, or NULL
+   with *status set: a status code, or -1 with an exception set. The caller
+   has checked the core is open and cls with lease_class_ok(). */
+static PyObject *lease_from(Core *self, PyTypeObject *cls, PyObject *pool, long long timeout, uint64_t stale,
+                            int *status) {
     uint32_t slot = 0;
     uint64_t gen = 0;
     self->inflight++;
@@ -727,7 +794,8 @@ static PyObject *core_lease(Core *self, PyObject *const *args, Py_ssize_t nargs)
         int st = do_acquire(self, timeout, stale, &slot, &gen);
         if (st != ST_OK) {
             leave(self);
-            return st < 0 ? NULL : PyLong_FromLong(st);
+            *status = st;
+            return NULL;
         }
         uint8_t *rec = slot_rec(self, slot);
         uint32_t n = __atomic_load_n((uint32_t *)(rec + R_DESC_LEN), __ATOMIC_ACQUIRE);
@@ -738,20 +806,40 @@ static PyObject *core_lease(Core *self, PyObject *const *args, Py_ssize_t nargs)
         }
         PyObject *raw = PyBytes_FromStringAndSize((const char *)rec + 64, (Py_ssize_t)n);
         leave(self);
+        *status = -1;
         if (!raw) return NULL;
         LeaseBase *l = (LeaseBase *)cls->tp_alloc(cls, 0);
         if (!l) {
             Py_DECREF(raw);
             return NULL;
         }
-        Py_INCREF(args[1]);
-        l->pool = args[1];
+        Py_INCREF(pool);
+        l->pool = pool;
         l->raw = raw;
         l->slot = slot;
         l->generation = gen;
         l->owner_pid = (long)g_pid;
         return (PyObject *)l;
     }
+}
+
+/* lease(cls, pool, timeout_ns, stale_ns) -> cls instance or a status int:
+   get() building the lease object directly (cls: a LeaseBase subclass
+   adding no fields). */
+static PyObject *core_lease(Core *self, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_OPEN(self);
+    if (nargs != 4 || !lease_class_ok(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "lease(cls, pool, timeout_ns, stale_ns): cls extends LeaseBase, no fields");
+        return NULL;
+    }
+    long long timeout = PyLong_AsLongLong(args[2]);
+    if (timeout == -1 && PyErr_Occurred()) return NULL;
+    unsigned long long stale = PyLong_AsUnsignedLongLong(args[3]);
+    if (stale == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    int st;
+    PyObject *l = lease_from(self, (PyTypeObject *)args[0], args[1], timeout, stale, &st);
+    if (l || st < 0) return l;
+    return PyLong_FromLong(st);
 }
 
 /* release(slot, gen) -> status; only the holder pid may release */
@@ -1100,6 +1188,141 @@ static PyTypeObject CoreType = {
     .tp_doc = "Lock-free operations on one mapped pool segment.",
 };
 
+/* ---- PoolBase: Pool.get()'s ready case, without a Python frame ------------
+   noodle.client.Pool subclasses this. get() takes a ready slot and builds the
+   lease here; every other case (handle closed, health check on get, nothing
+   ready, stale heartbeat, shutdown, an error) goes to the Python method
+   ``_get_slow(status, *args, **kwargs)`` with get()'s own arguments, so the
+   defaults, the waiting and every exception are decided in one place. */
+#define UNTRIED (-1) /* not a status: the first try was skipped (mirrored in client.py) */
+
+typedef struct {
+    PyObject_HEAD
+    Core *core;          /* NULL until _bind() */
+    PyTypeObject *lease; /* a LeaseBase subclass adding no fields */
+    unsigned long long stale_ns;
+    char closed;
+    char default_health;
+} PoolBase;
+
+static PyObject *str_get_slow, *str_timeout, *str_health;
+
+static int pool_traverse(PoolBase *self, visitproc visit, void *arg) {
+    Py_VISIT(self->core);
+    Py_VISIT(self->lease);
+    return 0;
+}
+
+static int pool_clear(PoolBase *self) {
+    Py_CLEAR(self->core);
+    Py_CLEAR(self->lease);
+    return 0;
+}
+
+static void pool_dealloc(PoolBase *self) {
+    PyObject_GC_UnTrack(self);
+    pool_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* _bind(core, lease_cls, stale_ns): what get() uses, checked once here */
+static PyObject *pool_bind(PoolBase *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !Py_IS_TYPE(args[0], &CoreType) || !lease_class_ok(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "_bind(core, lease_cls, stale_ns): a Core, a LeaseBase subclass without fields");
+        return NULL;
+    }
+    unsigned long long stale = PyLong_AsUnsignedLongLong(args[2]);
+    if (stale == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    Py_INCREF(args[0]);
+    Py_XSETREF(self->core, (Core *)args[0]);
+    Py_INCREF(args[1]);
+    Py_XSETREF(self->lease, (PyTypeObject *)args[1]);
+    self->stale_ns = stale;
+    Py_RETURN_NONE;
+}
+
+static int kw_is(PyObject *key, PyObject *name) {
+    return key == name || PyUnicode_Compare(key, name) == 0;
+}
+
+static PyObject *pool_get(PoolBase *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf), nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "get() takes at most 2 positional arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *timeout = nargs > 0 ? args[0] : NULL, *health = nargs > 1 ? args[1] : NULL;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, i), **into;
+        if (kw_is(key, str_timeout)) into = &timeout;
+        else if (kw_is(key, str_health)) into = &health;
+        else {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_TypeError, "get() got an unexpected keyword argument '%S'", key);
+            return NULL;
+        }
+        if (*into) {
+            PyErr_Format(PyExc_TypeError, "get() got multiple values for argument '%S'", key);
+            return NULL;
+        }
+        *into = args[nargs + i];
+    }
+    int check;
+    if (health == NULL || health == Py_None) check = self->default_health;
+    else if ((check = PyObject_IsTrue(health)) < 0) return NULL;
+    int st = UNTRIED;
+    Core *c = self->core;
+    /* first try: no queue, no deadline; the heartbeat is checked with the
+       clock read the acquire makes anyway */
+    if (!check && !self->closed && c && c->has_view && !c->closing) {
+        PyObject *l = lease_from(c, self->lease, (PyObject *)self, 0, self->stale_ns, &st);
+        if (l || st < 0) return l;
+    }
+    PyObject *stack[1 + 1 + 2 + 2];
+    stack[0] = (PyObject *)self;
+    stack[1] = PyLong_FromLong(st);
+    if (!stack[1]) return NULL;
+    for (Py_ssize_t i = 0; i < nargs + nkw; i++) stack[2 + i] = args[i];
+    PyObject *r = PyObject_VectorcallMethod(str_get_slow, stack, (size_t)(2 + nargs), kwnames);
+    Py_DECREF(stack[1]);
+    return r;
+}
+
+static PyMethodDef pool_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))pool_get, METH_FASTCALL | METH_KEYWORDS,
+     "get(timeout=<the pool's get_timeout>, health=None) -> Lease\n\n"
+     "Lease a ready instance. Waits up to ``timeout`` seconds (the pool's\n"
+     "``get_timeout`` by default, None for ever), in arrival order.\n\n"
+     "Raises PoolStarved on timeout, PoolShuttingDown once the pool stops\n"
+     "and PoolClosed if this handle is closed meanwhile (from another\n"
+     "thread). With ``health`` (default: the pool's ``health_on_get``) the\n"
+     "kind's health check runs first; an unhealthy instance is released for\n"
+     "termination and the next one is tried. A signal handler that raises\n"
+     "(KeyboardInterrupt) interrupts the wait; the place in line is given up."},
+    {"_bind", (PyCFunction)(void (*)(void))pool_bind, METH_FASTCALL, "_bind(core, lease_cls, stale_ns)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef pool_members[] = {
+    {"_core", T_OBJECT, offsetof(PoolBase, core), READONLY, NULL},
+    {"_closed", T_BOOL, offsetof(PoolBase, closed), 0, NULL},
+    {"_default_health", T_BOOL, offsetof(PoolBase, default_health), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject PoolBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "noodle._shm.PoolBase",
+    .tp_basicsize = sizeof(PoolBase),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)pool_dealloc,
+    .tp_traverse = (traverseproc)pool_traverse,
+    .tp_clear = (inquiry)pool_clear,
+    .tp_methods = pool_methods,
+    .tp_members = pool_members,
+    .tp_doc = "The C part of noodle.client.Pool: get()'s ready case.",
+};
+
 /* ---- module-level futex helpers (tests, benchmarks) ---------------------- */
 static PyObject *mod_futex_wait(PyObject *m, PyObject *args) {
     (void)m;
@@ -1167,6 +1390,7 @@ static PyMethodDef mod_methods[] = {
     {"futex_wake", mod_futex_wake, METH_VARARGS, "futex_wake(buf, off, n) -> woken"},
     {"add32", mod_add32, METH_VARARGS, "add32(buf, off, v) -> new value"},
     {"start_time", mod_start_time, METH_O, "start_time(pid) -> clock ticks since boot, 0 if gone"},
+    {"plain_lease", mod_plain_lease, METH_O, "plain_lease(cls) -> cls rebuilt as a LeaseBase subtype without GC"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1176,7 +1400,12 @@ static struct PyModuleDef shm_module = {
 };
 
 PyMODINIT_FUNC PyInit__shm(void) {
-    if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&LeaseBaseType) < 0) return NULL;
+    if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&LeaseBaseType) < 0 || PyType_Ready(&PoolBaseType) < 0)
+        return NULL;
+    str_get_slow = PyUnicode_InternFromString("_get_slow");
+    str_timeout = PyUnicode_InternFromString("timeout");
+    str_health = PyUnicode_InternFromString("health");
+    if (!str_get_slow || !str_timeout || !str_health) return NULL;
     PyObject *m = PyModule_Create(&shm_module);
     if (!m) return NULL;
     Py_INCREF(&CoreType);
@@ -1188,6 +1417,12 @@ PyMODINIT_FUNC PyInit__shm(void) {
     Py_INCREF(&LeaseBaseType);
     if (PyModule_AddObject(m, "LeaseBase", (PyObject *)&LeaseBaseType) < 0) {
         Py_DECREF(&LeaseBaseType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&PoolBaseType);
+    if (PyModule_AddObject(m, "PoolBase", (PyObject *)&PoolBaseType) < 0) {
+        Py_DECREF(&PoolBaseType);
         Py_DECREF(m);
         return NULL;
     }

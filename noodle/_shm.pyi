@@ -1,4 +1,4 @@
-from typing import Any
+from typing import Any, TypeVar
 
 from _typeshed import ReadableBuffer, WriteableBuffer
 
@@ -12,6 +12,14 @@ class LeaseBase:
     _owner_pid: int
     _released: bool
     def __init__(self) -> None: ...
+
+class PoolBase:
+    _closed: bool
+    _default_health: bool
+    @property
+    def _core(self) -> Core | None: ...
+    def get(self, timeout: float | None = ..., health: bool | None = None) -> LeaseBase: ...
+    def _bind(self, core: Core, lease_cls: type[LeaseBase], stale_ns: int, /) -> None: ...
 
 class Core:
     def __init__(
@@ -59,3 +67,7 @@ def futex_wait(buf: WriteableBuffer, offset: int, expected: int, timeout_ns: int
 def futex_wake(buf: WriteableBuffer, offset: int, n: int, /) -> int: ...
 def add32(buf: WriteableBuffer, offset: int, value: int, /) -> int: ...
 def start_time(pid: int, /) -> int: ...
+
+_L = TypeVar("_L", bound=type[LeaseBase])
+
+def plain_lease(cls: _L, /) -> _L: ...

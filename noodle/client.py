@@ -16,11 +16,11 @@ import time
 import warnings
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from noodle import layout as L
 from noodle import queues
-from noodle._shm import LeaseBase
+from noodle._shm import LeaseBase, PoolBase, plain_lease
 from noodle.errors import (
     InstanceGone,
     LeaseReleased,
@@ -48,9 +48,12 @@ _STALE_NS = int(HEARTBEAT_STALE * 1e9)
 _SHUTDOWN = int(L.Status.SHUTDOWN)
 _CLOSED = int(L.Status.CLOSED)
 _HEARTBEAT = int(L.Status.HEARTBEAT)
-_UNTRIED = -1  # not a status: the first try was skipped (health check on)
+_UNTRIED = -1  # not a status: the first try was skipped (health check on, or closed); UNTRIED in _shm.c
 
 
+# plain_lease: the same class, without GC tracking and with a short deallocator
+# (get() allocates one per call and usually drops the previous one)
+@plain_lease
 class Lease(LeaseBase):
     """One instance, held until released. Use as a context manager.
 
@@ -135,7 +138,7 @@ class Lease(LeaseBase):
             self.release()
 
 
-class Pool:
+class Pool(PoolBase):
     """A client's handle on a running pool. Cheap; one per process is enough."""
 
     def __init__(self, name: str) -> None:
@@ -153,10 +156,10 @@ class Pool:
             self._terminate_q = queues.open_queue(name, "terminate")
             self._default_timeout, self._default_health = self._seg.policy()
             self._core_lease = self._seg.core.lease
+            self._bind(self._seg.core, Lease, _STALE_NS)
         except BaseException:
             self._seg.close()
             raise
-        self._closed = False
 
     def _check_live(self) -> None:
         h = self._seg.header
@@ -179,29 +182,16 @@ class Pool:
             raise PoolClosed(f"pool handle {self.name!r} was closed")
         return self._seg
 
-    def get(self, timeout: float | None = _UNSET, health: bool | None = None) -> Lease:
-        """Lease a ready instance. Waits up to ``timeout`` seconds (the pool's
-        ``get_timeout`` by default, None for ever), in arrival order.
+    if TYPE_CHECKING:
+        # get() itself is PoolBase.get, in C: the ready case takes the slot and
+        # builds the Lease without a Python frame; everything else comes to
+        # _get_slow() with get()'s own arguments.
+        def get(self, timeout: float | None = _UNSET, health: bool | None = None) -> Lease:
+            """Lease a ready instance (docstring: noodle._shm.PoolBase.get)."""
 
-        Raises PoolStarved on timeout, PoolShuttingDown once the pool stops
-        and PoolClosed if this handle is closed meanwhile (from another
-        thread). With ``health`` (default: the pool's ``health_on_get``) the
-        kind's health check runs first; an unhealthy instance is released for
-        termination and the next one is tried. A signal handler that raises
-        (KeyboardInterrupt) interrupts the wait; the place in line is given up."""
-        if self._closed:
-            raise PoolClosed(f"pool handle {self.name!r} was closed")
-        # first try: one C call, no deadline arithmetic; the C core checks the
-        # supervisor's heartbeat with the clock read it makes anyway
-        if not (self._default_health if health is None else health):
-            r = self._core_lease(Lease, self, 0, _STALE_NS)
-            if r.__class__ is Lease:
-                return r
-        else:
-            r = _UNTRIED
-        return self._get_slow(r, timeout, health)
-
-    def _get_slow(self, r: LeaseBase | int, timeout: float | None, health: bool | None) -> Lease:
+    def _get_slow(self, r: LeaseBase | int, timeout: float | None = _UNSET, health: bool | None = None) -> Lease:
+        """get() past its first try: ``r`` is that try's status (_UNTRIED if
+        it was skipped). Checks, health checks and waits for its turn."""
         seg = self._seg
         if timeout is _UNSET:
             timeout = self._default_timeout
