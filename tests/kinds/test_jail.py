@@ -8,6 +8,7 @@ any of its slots is left.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import secrets
 import shutil
@@ -24,6 +25,7 @@ import pytest
 from noodle.errors import ConfigError, KindUnavailable
 from noodle.host.cgroup import detect
 from noodle.host.mounts import mountinfo
+from noodle.host.proc import descendants_of
 from noodle.host.proc import start_time as pid_start_time
 from noodle.kinds.base import PoolInfo, SlotContext
 from noodle.kinds.jail import JailKind, build_skeleton
@@ -488,8 +490,9 @@ def test_userns_mode(jails: Jails) -> None:
 @pytest.mark.timeout(120)
 def test_userns_mode_from_a_private_installation(jails: Jails, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An installation other users cannot search (a clone in /root, a 0700
-    home): the kind copies the agent into its run directory instead of
-    refusing, and the slot uid runs it from there."""
+    home): the kind compiles the agent into its run directory instead of
+    refusing, with the configured interpreter (not the one running the
+    kind), and the slot uid runs it from there."""
     if not os.path.exists("/usr/bin/python3"):
         pytest.skip("userns mode needs a python the slot uid can reach; install python3")
     import noodle.kinds.jail as jailmod
@@ -503,10 +506,15 @@ def test_userns_mode_from_a_private_installation(jails: Jails, tmp_path: Path, m
     kind = jails.kind(userns=True, python="/usr/bin/python3", uid_base=225000)
     slot, desc = up(kind)
     assert run(desc, "import os; os.getuid()") == 225000
-    copied = os.path.join(kind.pool.run_dir, "jail-agent.py")
-    assert os.stat(copied).st_mode & 0o777 == 0o644
-    with open(copied, "rb") as a, open(agent, "rb") as b:
-        assert a.read() == b.read()
+    compiled = os.path.join(kind.pool.run_dir, "jail-agent.pyc")
+    assert os.stat(compiled).st_mode & 0o777 == 0o644
+    magic = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c",
+                            "import sys, importlib.util; sys.stdout.buffer.write(importlib.util.MAGIC_NUMBER)"],
+                           capture_output=True, check=True).stdout  # fmt: skip
+    with open(compiled, "rb") as f:
+        head = f.read(16)
+    # the byte code of the private copy: its header records that source's size
+    assert head[:4] == magic and int.from_bytes(head[12:16], "little") == os.path.getsize(agent)
     kind.terminate(slot, desc)
 
 
@@ -529,13 +537,65 @@ def test_unshare_backend(jails: Jails) -> None:
 @needs_jail
 @pytest.mark.timeout(60)
 def test_spawn_failure_leaves_nothing(jails: Jails) -> None:
-    kind = jails.kind(python="/bin/false", ready_timeout=5.0)
+    # an interpreter that cannot start inside: no standard library there
+    kind = jails.kind(env={"PYTHONHOME": "/nonexistent"}, ready_timeout=5.0)
     slot = kind.pool.slot(0)
     kind.prepare(slot)
     with pytest.raises(Exception, match=r"exited before it was ready|not ready"):
         kind.spawn(slot)
     cg = kind.slot_cgroup(0)
     assert cg is not None and cg.procs() == set()
+
+
+@needs_jail
+@pytest.mark.timeout(120)
+def test_agent_runs_from_byte_code_compiled_on_the_host(jails: Jails) -> None:
+    """The instance never compiles the agent: it runs the byte code setup
+    compiled from the host's own agent file, bound read-only; and every
+    process of the jail is in the slot's cgroup (the launcher joined it
+    before starting the jail)."""
+    import noodle.kinds.jail as jailmod
+
+    kind = jails.kind()
+    compiled = os.path.join(kind.pool.run_dir, "jail-agent.pyc")
+    with open(compiled, "rb") as f:
+        head = f.read(16)
+    assert head[:4] == importlib.util.MAGIC_NUMBER
+    assert int.from_bytes(head[12:16], "little") == os.path.getsize(jailmod.AGENT_FILE)
+    assert os.stat(compiled).st_mode & 0o777 == 0o644
+    slot, desc = up(kind)
+    main_file, code_file, write_error = run(desc, """
+import sys, errno
+main = sys.modules['__main__']
+try:
+    open(main.__file__, 'r+b')
+    error = None
+except OSError as exc:
+    error = errno.errorcode[exc.errno]
+(main.__file__, main.read_frame.__code__.co_filename, error)
+""")  # fmt: skip
+    assert (main_file, code_file) == (jailmod.INSIDE_AGENT, jailmod.INSIDE_AGENT_SOURCE)
+    assert write_error in ("EROFS", "EACCES")
+    cg = kind.slot_cgroup(slot.slot)
+    assert cg is not None
+    tree = {desc["pid"], *descendants_of(desc["pid"])}
+    assert len(tree) >= 3  # bwrap, its init, the agent
+    assert tree <= cg.procs(), f"outside the cgroup: {tree - cg.procs()}"
+    kind.terminate(slot, desc)
+
+
+def test_an_interpreter_that_cannot_compile_the_agent_is_refused(tmp_path: Any) -> None:
+    """Byte code is specific to the interpreter that runs it, so the
+    configured one compiles the agent at setup; one that cannot is a clear
+    error there, not a jail that never gets ready."""
+    if os.geteuid() != 0:
+        pytest.skip("the jail kind's setup needs root")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    kind = JailKind(PoolInfo("tbadpy", 1, str(run_dir), 0, 0), {"python": "/bin/false", "cgroup": False})
+    with pytest.raises(KindUnavailable, match=r"/bin/false cannot compile the agent"):
+        kind.setup()
+    assert os.listdir(run_dir) == []  # no byte code, no half-written file
 
 
 def test_bad_options_name_the_key(tmp_path: Any) -> None:
