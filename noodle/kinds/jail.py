@@ -13,9 +13,9 @@ Per slot, in the style of Firecracker's jailer:
 * limits: cgroup ``<parent>/<pool>.<slot>`` with ``memory_limit`` bytes and
   ``pids_limit`` tasks (see ``noodle.host.cgroup``);
 * the agent listens on ``/run/noodle/agent.sock`` inside, which is
-  ``<slot>/sock/agent.sock`` on the host; it runs from byte code compiled
-  on the host by setup (``<run_dir>/jail-agent.pyc``, bound read-only), so
-  no instance spends its start compiling it.
+  ``<slot>/sock/agent.sock`` on the host. It runs from byte code that setup
+  compiles once (``<run_dir>/jail-agent.pyc``, bound read-only), so that no
+  instance spends its start compiling it (see ``agent_byte_code``).
 
 Every name a leftover can be found by (cgroup, mount source, slot dir)
 carries the pool name and the slot id, so ``clean`` needs no descriptor.
@@ -24,8 +24,10 @@ carries the pool name and the slot id, so ``clean`` needs no descriptor.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
+import marshal
 import os
-import py_compile
 import re
 import select
 import shutil
@@ -46,8 +48,9 @@ from noodle.kinds.base import AgentKind, PoolInfo, SlotContext
 _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT_FILE = os.path.join(_PKG, "agent.py")
 INSIDE_SOCKET = "/run/noodle/agent.sock"
-# The agent runs from byte code: `python agent.pyc` skips the compile of
-# its source, a quarter of an instance's start. Its frames name the source.
+# `python agent.pyc` skips compiling the agent's source, a quarter of an
+# instance's start; its frames name the source path. The source itself is
+# bound instead when no byte code could be made.
 INSIDE_AGENT = "/opt/noodle/agent.pyc"
 INSIDE_AGENT_SOURCE = "/opt/noodle/agent.py"
 INSIDE_PYTHON = "/opt/python"
@@ -55,6 +58,8 @@ INSIDE_PYTHON = "/opt/python"
 _READY_FD = PASSED_FD
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _SUN_PATH_MAX = 107
+
+log = logging.getLogger("noodle.kinds.jail")
 
 
 class JailKind(AgentKind):
@@ -107,7 +112,8 @@ class JailKind(AgentKind):
         self._own_rootfs = False
         self._python_prefix: str | None = None
         self._python_inside = ""
-        self._agent_file = ""
+        self._agent_file = AGENT_FILE
+        self._agent_inside = INSIDE_AGENT_SOURCE
         self._library = _library_binds()
 
     # -- names -----------------------------------------------------------------
@@ -150,9 +156,15 @@ class JailKind(AgentKind):
         # In the run directory, which this kind controls: readable by the
         # slot uid (userns mode binds it as that uid) whatever the
         # installation's permissions.
-        self._agent_file = compile_agent(
-            _python_host(o["python"]), AGENT_FILE, os.path.join(self.pool.run_dir, "jail-agent.pyc")
-        )
+        pyc = os.path.join(self.pool.run_dir, "jail-agent.pyc")
+        compiled = agent_byte_code(_python_host(o["python"]), AGENT_FILE, pyc, self.uid(0), self.gid(0))
+        if compiled is not None:
+            self._agent_file, self._agent_inside = compiled, INSIDE_AGENT
+        elif o["userns"]:
+            copied = _copy_readable(AGENT_FILE, os.path.join(self.pool.run_dir, "jail-agent.py"))
+            self._agent_file, self._agent_inside = copied, INSIDE_AGENT_SOURCE
+        else:
+            self._agent_file, self._agent_inside = AGENT_FILE, INSIDE_AGENT_SOURCE
         if o["rootfs"] is not None:
             self._rootfs = os.path.abspath(o["rootfs"])
             if not os.path.isdir(self._rootfs):
@@ -176,10 +188,10 @@ class JailKind(AgentKind):
         if o["userns"]:
             # bwrap then runs as the slot's uid and resolves every source
             # path itself (an fd passed in is resolved back to its path).
-            # The agent's byte code and the library are in the run
-            # directory, which this kind controls, so the installation (a
-            # checkout in /root, a 0700 home) need not be searchable by
-            # other users.
+            # The agent (its byte code, or a copy) and the library are in
+            # the run directory, which this kind controls, so the
+            # installation (a checkout in /root, a 0700 home) need not be
+            # searchable by other users.
             self._library = _staged_library_binds(os.path.join(self.pool.run_dir, "jail-lib"))
             paths = [self.pool.run_dir, self._agent_file, *o["ro_binds"]]
             if self._python_prefix is not None:
@@ -277,7 +289,7 @@ class JailKind(AgentKind):
         layer): bwrap run as the slot uid (userns) may not create them."""
         dirs = ["run/noodle", "opt/python", "proc", "dev", "tmp", "home/sandbox"]
         dirs += [inside for _host, inside in _library_binds()]
-        files = [INSIDE_AGENT]
+        files = [self._agent_inside]
         for path in self.options["ro_binds"]:
             (dirs if os.path.isdir(path) else files).append(path)
         for d in dirs:
@@ -374,7 +386,7 @@ class JailKind(AgentKind):
         if self._python_prefix is not None:
             inner_env["LD_LIBRARY_PATH"] = INSIDE_PYTHON + "/lib"
         inner_env.update(o["env"])
-        agent = [self._python_inside, "-S", INSIDE_AGENT, "--socket", INSIDE_SOCKET, "--ready-fd", str(_READY_FD)]
+        agent = [self._python_inside, "-S", self._agent_inside, "--socket", INSIDE_SOCKET, "--ready-fd", str(_READY_FD)]
         drop = [
             shutil.which("setpriv") or "/usr/bin/setpriv",
             f"--reuid={uid}",
@@ -408,7 +420,7 @@ class JailKind(AgentKind):
                 argv += ["--ro-bind", host, host]
         if self._python_prefix is not None:
             argv += ["--ro-bind", self._python_prefix, INSIDE_PYTHON]
-        argv += ["--ro-bind", self._agent_file, INSIDE_AGENT]
+        argv += ["--ro-bind", self._agent_file, self._agent_inside]
         for host, inside in self._library:
             argv += ["--ro-bind", host, inside]
         for path in o["ro_binds"]:
@@ -445,7 +457,7 @@ class JailKind(AgentKind):
                 binds += [host, host]
         if self._python_prefix is not None:
             binds += [self._python_prefix, INSIDE_PYTHON]
-        binds += [self._agent_file, INSIDE_AGENT]
+        binds += [self._agent_file, self._agent_inside]
         for host, inside in self._library:
             binds += [host, inside]
         for path in o["ro_binds"]:
@@ -615,46 +627,74 @@ def _wait_ready(ready_r: int, timeout: float, log_path: str) -> None:
     raise StepFailed(f"the jail {why}: log tail: {log_tail(log_path) or '(empty)'}")
 
 
-_COMPILE = "import py_compile, sys; py_compile.compile(sys.argv[1], sys.argv[2], sys.argv[3], doraise=True)"
+# Run by an interpreter other than ours: the source on stdin, the .pyc on
+# stdout (a header as importlib writes it, then the marshalled code).
+_COMPILE = (
+    "import sys, marshal, importlib.util as u; s = sys.stdin.buffer.read(); "
+    "c = compile(s, sys.argv[1], 'exec', dont_inherit=True); "
+    "sys.stdout.buffer.write(u.MAGIC_NUMBER + bytes(4) + int(sys.argv[2]).to_bytes(4, 'little') "
+    "+ (len(s) & 0xFFFFFFFF).to_bytes(4, 'little') + marshal.dumps(c))"
+)
+_COMPILE_TIMEOUT_S = 120.0
 
 
-def compile_agent(python: str, src: str, dest: str) -> str:
-    """Compile the agent ``src`` to ``dest`` (0644, replaced atomically) with
-    the interpreter that will run it, since byte code is specific to its
-    version; frames name the source as it is seen inside the jail. The
-    byte code comes from the host's own agent file, never from a sandbox."""
-    build = f"{dest}.{os.getpid()}.build"
-    try:
-        if python == os.path.realpath(sys.executable):
-            try:
-                py_compile.compile(src, build, INSIDE_AGENT_SOURCE, doraise=True)
-            except py_compile.PyCompileError as exc:
-                raise KindUnavailable(f"cannot compile the agent {src}: {exc.msg}") from None
-        else:
-            done = subprocess.run(
-                [python, "-I", "-S", "-c", _COMPILE, src, build, INSIDE_AGENT_SOURCE],
-                stdin=subprocess.DEVNULL, capture_output=True, timeout=120, check=False,
-            )  # fmt: skip
-            if done.returncode != 0:
-                why = done.stderr.decode(errors="replace").strip()[-800:]
-                raise KindUnavailable(f"kinds.jail.python {python} cannot compile the agent {src}: {why}")
-        return _copy_readable(build, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(build)
+def agent_byte_code(python: str, src: str, dest: str, uid: int, gid: int) -> str | None:
+    """Compile the agent ``src`` to ``dest`` (0644, replaced atomically) for
+    the interpreter ``python`` that will run it, since byte code is specific
+    to an interpreter's version; None, with a warning, when that fails (the
+    jail then runs the source, compiling it at every start).
+
+    Our own interpreter compiles in this process. Another one runs on the
+    host for that, so it runs as ``uid``/``gid`` without privileges, as it
+    does in the jail: the setting may name an interpreter that someone
+    other than root can replace. The byte code is made from the host's own
+    agent file and runs only in the jails, never on the host."""
+    with open(src, "rb") as f:
+        source = f.read()
+    mtime = int(os.stat(src).st_mtime) & 0xFFFFFFFF
+    if python == os.path.realpath(sys.executable):
+        try:
+            code = compile(source, INSIDE_AGENT_SOURCE, "exec", dont_inherit=True)
+        except (SyntaxError, ValueError) as exc:
+            log.warning("jail: cannot compile the agent %s (%s); instances compile it at every start", src, exc)
+            return None
+        head = importlib.util.MAGIC_NUMBER + bytes(4) + mtime.to_bytes(4, "little")
+        data = head + (len(source) & 0xFFFFFFFF).to_bytes(4, "little") + marshal.dumps(code)
+    else:
+        setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
+        argv = [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs",
+                "--bounding-set=-all", "--inh-caps=-all", python, "-I", "-S", "-c", _COMPILE,
+                INSIDE_AGENT_SOURCE, str(mtime)]  # fmt: skip
+        try:
+            done = subprocess.run(argv, input=source, capture_output=True, cwd="/", env={"PATH": "/usr/bin:/bin"},
+                                  timeout=_COMPILE_TIMEOUT_S, check=False)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("jail: %s could not compile the agent (%s); instances compile it at every start", python, exc)
+            return None
+        data = done.stdout
+        if done.returncode != 0 or len(data) <= _PYC_HEADER:
+            why = done.stderr.decode(errors="replace").strip()[-400:] or f"exit status {done.returncode}"
+            log.warning("jail: %s could not compile the agent (%s); instances compile it at every start", python, why)
+            return None
+    return _write_readable(dest, data)
+
+
+_PYC_HEADER = 16
 
 
 def _copy_readable(src: str, dest: str) -> str:
-    """Copy ``src`` to ``dest`` readable by everyone (0644), replacing it
-    atomically so a sandbox starting meanwhile binds a whole file."""
-    tmp = f"{dest}.{os.getpid()}.tmp"
+    """Copy ``src`` to ``dest`` as ``_write_readable`` writes."""
     with open(src, "rb") as f:
-        data = f.read()
+        return _write_readable(dest, f.read())
+
+
+def _write_readable(dest: str, data: bytes) -> str:
+    """Write ``dest`` readable by everyone (0644), replacing it atomically
+    so a sandbox starting meanwhile binds a whole file."""
+    tmp = f"{dest}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    try:
-        os.write(fd, data)
-        os.fchmod(fd, 0o644)  # explicit: the supervisor's umask is 007
-    finally:
-        os.close(fd)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        os.fchmod(f.fileno(), 0o644)  # explicit: the supervisor's umask is 007
     os.replace(tmp, dest)
     return dest

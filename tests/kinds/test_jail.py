@@ -537,8 +537,7 @@ def test_unshare_backend(jails: Jails) -> None:
 @needs_jail
 @pytest.mark.timeout(60)
 def test_spawn_failure_leaves_nothing(jails: Jails) -> None:
-    # an interpreter that cannot start inside: no standard library there
-    kind = jails.kind(env={"PYTHONHOME": "/nonexistent"}, ready_timeout=5.0)
+    kind = jails.kind(python="/bin/false", ready_timeout=5.0)
     slot = kind.pool.slot(0)
     kind.prepare(slot)
     with pytest.raises(Exception, match=r"exited before it was ready|not ready"):
@@ -584,18 +583,64 @@ except OSError as exc:
     kind.terminate(slot, desc)
 
 
-def test_an_interpreter_that_cannot_compile_the_agent_is_refused(tmp_path: Any) -> None:
-    """Byte code is specific to the interpreter that runs it, so the
-    configured one compiles the agent at setup; one that cannot is a clear
-    error there, not a jail that never gets ready."""
+def test_another_interpreter_compiles_the_agent_without_privileges(tmp_path: Any) -> None:
+    """A configured interpreter other than ours compiles the agent for
+    itself (byte code is per version), run as the pool's first slot uid:
+    the setting may name a program someone other than root can replace,
+    and before it only ever ran inside the jail."""
     if os.geteuid() != 0:
         pytest.skip("the jail kind's setup needs root")
+    if not os.path.exists("/usr/bin/python3"):
+        pytest.skip("needs a second interpreter: install python3")
+    base = tempfile.mkdtemp(prefix="noodle-py-", dir="/tmp")  # reachable by the slot uid
+    try:
+        os.chmod(base, 0o755)
+        os.makedirs(os.path.join(base, "bin"))
+        seen = os.path.join(base, "seen")
+        os.mkdir(seen)
+        os.chmod(seen, 0o777)  # the unprivileged interpreter records its uid here
+        wrapper = os.path.join(base, "bin", "python3")
+        with open(wrapper, "w") as f:
+            f.write(f'#!/bin/sh\nid -u > {seen}/uid\nexec /usr/bin/python3 "$@"\n')
+        os.chmod(wrapper, 0o755)
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        kind = JailKind(PoolInfo("tforeignpy", 1, str(run_dir), 0, 0),
+                        {"python": wrapper, "cgroup": False, "uid_base": 235000})  # fmt: skip
+        kind.setup()
+        with open(os.path.join(seen, "uid")) as f:
+            assert f.read().strip() == "235000"
+        magic = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c",
+                                "import sys, importlib.util; sys.stdout.buffer.write(importlib.util.MAGIC_NUMBER)"],
+                               capture_output=True, check=True).stdout  # fmt: skip
+        with open(run_dir / "jail-agent.pyc", "rb") as f:
+            assert f.read(4) == magic
+        assert kind._agent_file == str(run_dir / "jail-agent.pyc")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_interpreter_that_cannot_compile_the_agent_gets_the_source(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No byte code (here the interpreter is not even Python): the jail is
+    given the agent's source, as before byte code, and the log says why its
+    instances start slower. A spawn with it fails as such a jail does
+    (test_spawn_failure_leaves_nothing)."""
+    if os.geteuid() != 0:
+        pytest.skip("the jail kind's setup needs root")
+    import noodle.kinds.jail as jailmod
+
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     kind = JailKind(PoolInfo("tbadpy", 1, str(run_dir), 0, 0), {"python": "/bin/false", "cgroup": False})
-    with pytest.raises(KindUnavailable, match=r"/bin/false cannot compile the agent"):
+    with caplog.at_level("WARNING", logger="noodle.kinds.jail"):
         kind.setup()
+    assert "could not compile the agent" in caplog.text
     assert os.listdir(run_dir) == []  # no byte code, no half-written file
+    assert (kind._agent_file, kind._agent_inside) == (jailmod.AGENT_FILE, jailmod.INSIDE_AGENT_SOURCE)
+    argv, _env = kind._command(kind.pool.slot(0))
+    assert jailmod.INSIDE_AGENT_SOURCE in argv and jailmod.INSIDE_AGENT not in argv
 
 
 def test_bad_options_name_the_key(tmp_path: Any) -> None:
