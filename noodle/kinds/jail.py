@@ -108,6 +108,7 @@ class JailKind(AgentKind):
                 raise ConfigError(f"kinds.jail.env: expected string keys and values, got {k!r}={v!r}")
         self._layout: Layout | None = None
         self._backend = ""
+        self._tools: dict[str, str] = {}
         self._rootfs = ""
         self._own_rootfs = False
         self._python_prefix: str | None = None
@@ -150,6 +151,8 @@ class JailKind(AgentKind):
         self._backend = self._pick_backend()
         if not shutil.which("setpriv"):
             raise KindUnavailable("setpriv not found: install the Debian package util-linux")
+        # found once, not on every spawn's path
+        self._tools = {tool: shutil.which(tool) or tool for tool in ("setpriv", "bwrap", "unshare")}
         self._python_prefix, self._python_inside = _python_paths(o["python"])
         if not os.path.isfile(AGENT_FILE):
             raise KindUnavailable(f"the agent file {AGENT_FILE} is missing: reinstall pool-noodle")
@@ -305,7 +308,8 @@ class JailKind(AgentKind):
     def spawn(self, slot: SlotContext) -> dict[str, Any]:
         self._ensure_setup()
         root = os.path.join(slot.dir, "root")
-        if not mounts_under(root):
+        # a stat, where reading the mount table grows with the pool
+        if not os.path.ismount(root):
             raise StepFailed(f"slot {slot.slot} is not prepared: nothing is mounted on {root}")
         cg = self.slot_cgroup(slot.slot)
         sock = self.socket_path(slot)
@@ -388,7 +392,7 @@ class JailKind(AgentKind):
         inner_env.update(o["env"])
         agent = [self._python_inside, "-S", self._agent_inside, "--socket", INSIDE_SOCKET, "--ready-fd", str(_READY_FD)]
         drop = [
-            shutil.which("setpriv") or "/usr/bin/setpriv",
+            self._tools["setpriv"],
             f"--reuid={uid}",
             f"--regid={gid}",
             "--clear-groups",
@@ -412,7 +416,7 @@ class JailKind(AgentKind):
         sock: str,
     ) -> tuple[list[str], dict[str, str]]:
         o = self.options
-        bwrap = shutil.which("bwrap") or "bwrap"
+        bwrap = self._tools["bwrap"]
         argv = [bwrap, "--bind", root, "/"]
         for d in ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"):
             host = "/" + d
@@ -465,7 +469,7 @@ class JailKind(AgentKind):
         flags = ["--pid", "--fork", "--mount", "--ipc", "--uts", "--cgroup", "--propagation", "private"]
         if not o["network"]:
             flags.append("--net")
-        unshare = shutil.which("unshare") or "unshare"
+        unshare = self._tools["unshare"]
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "R": root, "S": sock, "H": o["hostname"]}
         script = _UNSHARE_SCRIPT
         argv = [unshare, *flags, "--", "/bin/sh", "-c", script, "noodle-jail", str(len(binds) // 2), *binds]

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from noodle.errors import ConfigError, KindUnavailable
+from noodle.errors import ConfigError, KindUnavailable, StepFailed
 from noodle.host.cgroup import detect
 from noodle.host.mounts import mountinfo
 from noodle.host.proc import descendants_of
@@ -641,6 +641,21 @@ def test_an_interpreter_that_cannot_compile_the_agent_gets_the_source(
     assert (kind._agent_file, kind._agent_inside) == (jailmod.AGENT_FILE, jailmod.INSIDE_AGENT_SOURCE)
     argv, _env = kind._command(kind.pool.slot(0))
     assert jailmod.INSIDE_AGENT_SOURCE in argv and jailmod.INSIDE_AGENT not in argv
+
+
+@needs_jail
+@pytest.mark.timeout(60)
+def test_spawn_of_an_unprepared_slot_is_refused(jails: Jails) -> None:
+    kind = jails.kind()
+    slot = kind.pool.slot(0)
+    kind.clean(slot)
+    with pytest.raises(StepFailed, match="is not prepared"):
+        kind.spawn(slot)
+    os.makedirs(os.path.join(slot.dir, "root"))  # the directory alone, nothing mounted on it
+    with pytest.raises(StepFailed, match="is not prepared"):
+        kind.spawn(slot)
+    kind.clean(slot)
+    assert leftovers(kind, slot) == []
 
 
 def test_bad_options_name_the_key(tmp_path: Any) -> None:
