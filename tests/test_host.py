@@ -86,9 +86,13 @@ def test_launched_process_gets_only_its_descriptors_and_what_in_child_did(tmp_pa
     r, w = os.pipe2(os.O_CLOEXEC)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
+
+    def in_child() -> None:
+        os.umask(0o027)
+
     try:
         proc = launch_detached(["/bin/sh", "-c", "echo up >&3; exec sleep 60"], str(tmp_path / "log"),
-                               env={}, cwd=str(cwd), pass_fd=w, in_child=lambda: os.umask(0o027) and None)  # fmt: skip
+                               env={}, cwd=str(cwd), pass_fd=w, in_child=in_child)  # fmt: skip
     finally:
         os.close(w)
         os.close(leak)
