@@ -583,41 +583,44 @@ except OSError as exc:
     kind.terminate(slot, desc)
 
 
-def test_another_interpreter_compiles_the_agent_without_privileges(tmp_path: Any) -> None:
+@needs_jail
+@pytest.mark.timeout(120)
+def test_another_interpreter_compiles_the_agent_without_privileges(jails: Jails) -> None:
     """A configured interpreter other than ours compiles the agent for
     itself (byte code is per version), run as the pool's first slot uid:
     the setting may name a program someone other than root can replace,
-    and before it only ever ran inside the jail."""
-    if os.geteuid() != 0:
-        pytest.skip("the jail kind's setup needs root")
+    and before it only ever ran inside the jail. The jail then runs that
+    byte code."""
     if not os.path.exists("/usr/bin/python3"):
         pytest.skip("needs a second interpreter: install python3")
+    import noodle.kinds.jail as jailmod
+
     base = tempfile.mkdtemp(prefix="noodle-py-", dir="/tmp")  # reachable by the slot uid
-    try:
-        os.chmod(base, 0o755)
-        os.makedirs(os.path.join(base, "bin"))
-        seen = os.path.join(base, "seen")
-        os.mkdir(seen)
-        os.chmod(seen, 0o777)  # the unprivileged interpreter records its uid here
-        wrapper = os.path.join(base, "bin", "python3")
-        with open(wrapper, "w") as f:
-            f.write(f'#!/bin/sh\nid -u > {seen}/uid\nexec /usr/bin/python3 "$@"\n')
-        os.chmod(wrapper, 0o755)
-        run_dir = tmp_path / "run"
-        run_dir.mkdir()
-        kind = JailKind(PoolInfo("tforeignpy", 1, str(run_dir), 0, 0),
-                        {"python": wrapper, "cgroup": False, "uid_base": 235000})  # fmt: skip
-        kind.setup()
-        with open(os.path.join(seen, "uid")) as f:
-            assert f.read().strip() == "235000"
-        magic = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c",
-                                "import sys, importlib.util; sys.stdout.buffer.write(importlib.util.MAGIC_NUMBER)"],
-                               capture_output=True, check=True).stdout  # fmt: skip
-        with open(run_dir / "jail-agent.pyc", "rb") as f:
-            assert f.read(4) == magic
-        assert kind._agent_file == str(run_dir / "jail-agent.pyc")
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    jails.extra_dirs.append(base)
+    os.chmod(base, 0o755)
+    os.makedirs(os.path.join(base, "bin"))
+    seen = os.path.join(base, "seen")
+    os.mkdir(seen)
+    os.chmod(seen, 0o777)  # the unprivileged interpreter records its uid here
+    wrapper = os.path.join(base, "bin", "python3")
+    with open(wrapper, "w") as f:
+        # inside the jail `seen` does not exist: the redirection fails, the exec goes on
+        f.write(f'#!/bin/sh\nid -u > {seen}/uid 2>/dev/null\nexec /usr/bin/python3 "$@"\n')
+    os.chmod(wrapper, 0o755)
+    kind = jails.kind(python=wrapper, uid_base=235000)
+    with open(os.path.join(seen, "uid")) as f:
+        assert f.read().strip() == "235000"
+    magic = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c",
+                            "import sys, importlib.util; sys.stdout.buffer.write(importlib.util.MAGIC_NUMBER)"],
+                           capture_output=True, check=True).stdout  # fmt: skip
+    compiled = os.path.join(kind.pool.run_dir, "jail-agent.pyc")
+    with open(compiled, "rb") as f:
+        assert f.read(4) == magic
+    assert (kind._agent_file, kind._agent_inside) == (compiled, jailmod.INSIDE_AGENT)
+    slot, desc = up(kind)
+    probe = "import sys, os; (sys.modules['__main__'].__file__, os.getuid())"
+    assert run(desc, probe) == (jailmod.INSIDE_AGENT, 235000)
+    kind.terminate(slot, desc)
 
 
 def test_an_interpreter_that_cannot_compile_the_agent_gets_the_source(
