@@ -77,6 +77,43 @@ def test_launch_failure_names_its_cause(tmp_path: Path) -> None:
     assert read_pidfile(str(tmp_path / "missing")) is None
 
 
+def test_launched_process_gets_only_its_descriptors_and_what_in_child_did(tmp_path: Path) -> None:
+    """Descriptors 0-3 and nothing else of ours (an inheritable one
+    included), its own session, the cwd asked for, and the state in_child
+    set up (here a umask; a cgroup in the jail kind) inherited."""
+    leak = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(leak, True)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+
+    def in_child() -> None:
+        os.umask(0o027)
+
+    try:
+        proc = launch_detached(["/bin/sh", "-c", "echo up >&3; exec sleep 60"], str(tmp_path / "log"),
+                               env={}, cwd=str(cwd), pass_fd=w, in_child=in_child)  # fmt: skip
+    finally:
+        os.close(w)
+        os.close(leak)
+    try:
+        assert os.read(r, 16) == b"up\n"  # the passed descriptor is its 3
+        fds = sorted(int(fd) for fd in os.listdir(f"/proc/{proc.pid}/fd"))
+        assert fds == [0, 1, 2, 3]
+        assert os.readlink(f"/proc/{proc.pid}/fd/0") == os.devnull
+        assert os.readlink(f"/proc/{proc.pid}/cwd") == str(cwd)
+        with open(f"/proc/{proc.pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f)
+        assert status["Umask"].strip() == "0027"
+        assert os.getsid(proc.pid) == proc.pid and os.getpgid(proc.pid) == proc.pid
+        stat = read_stat(proc.pid)
+        assert stat is not None and stat.ppid != os.getpid()
+    finally:
+        os.close(r)
+        proc.kill_tree(timeout=10)
+    assert not proc.alive()
+
+
 def _scan_children(pid: int) -> list[tuple[int, int]]:
     from noodle.host.proc import scan
 

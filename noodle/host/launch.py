@@ -1,12 +1,17 @@
 """Starting an instance process detached from the worker that starts it.
 
 A worker may die (or be killed as stuck) at any moment, and it must not take
-its instances with it, nor be their parent: the launched process is forked
-twice, so it is reparented to the nearest subreaper (the pool supervisor),
-which reaps it. It leads a new session and process group, so that its pid
-is also the id of the group that ``ProcessIdentity.kill_tree`` kills. Its
-stdout and stderr go to a log file whose tail explains a failed start; the
-pid and its start time go to a pidfile, the way back to it after a crash.
+its instances with it, nor be their parent: the worker forks a short-lived
+middle process, which starts the launched one and exits, so that it is
+reparented to the nearest subreaper (the pool supervisor), which reaps it.
+It leads a new session and process group, so that its pid is also the id
+of the group that ``ProcessIdentity.kill_tree`` kills. Its stdout and
+stderr go to a log file whose tail explains a failed start; the pid and its
+start time go to a pidfile, the way back to it after a crash.
+
+The middle process starts it with ``posix_spawn`` (a vfork and exec in the
+C library), not a second fork: forking copies the page tables of a whole
+Python process, which is most of a launch's cost on the host side.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from noodle.host.proc import ProcessIdentity, start_time
 PASSED_FD = 3
 _HIGH_FD = 64  # where descriptors are parked while 0-3 are placed
 _PID_BYTES = 8
-_EXEC_FAILED = b"E"
 _DEFAULT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -45,17 +49,17 @@ def launch_detached(
 
     stdin is /dev/null, stdout and stderr append to ``log_path``, ``pass_fd``
     (if any) becomes descriptor 3 and every other descriptor of the worker
-    is closed. ``in_child`` runs in the launched process after setsid and
-    before exec (joining a cgroup, so that nothing it starts is ever outside
-    it): only async-signal-safe work. ``env`` None keeps ours; an empty one
-    gets only a default PATH."""
+    is closed. ``in_child`` runs in the middle process before it starts the
+    launched one, which inherits what it did (joining a cgroup, so that
+    nothing the instance starts is ever outside it): only async-signal-safe
+    work. ``env`` None keeps ours; an empty one gets only a default PATH."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if truncate_log else os.O_APPEND)
     log_fd = os.open(log_path, flags, log_mode)
     pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
     full_env = dict(os.environ) if env is None else (dict(env) or {"PATH": _DEFAULT_PATH})
     try:
         middle = os.fork()
-        if middle == 0:  # pragma: no cover - runs in the forked children
+        if middle == 0:  # pragma: no cover - runs in the forked child
             _middle(list(argv), full_env, cwd, log_fd, pid_w, pass_fd, in_child)
         os.close(pid_w)
         pid_w = -1
@@ -67,16 +71,15 @@ def launch_detached(
                 break
             except InterruptedError:
                 continue
+        # the middle process writes the pid once the exec succeeded, nothing
+        # when it failed (the cause is then in the log)
         data = read_exact(pid_r, _PID_BYTES, 5.0)
-        # then EOF when its exec succeeded (the pipe is close-on-exec), or
-        # one byte when it failed: the cause is in the log
-        failed = len(data) == _PID_BYTES and read_exact(pid_r, 1, 5.0) == _EXEC_FAILED
     finally:
         os.close(pid_r)
         if pid_w >= 0:
             os.close(pid_w)
         os.close(log_fd)
-    if len(data) != _PID_BYTES or failed:
+    if len(data) != _PID_BYTES:
         raise StepFailed(f"could not start {argv[0]}: {log_tail(log_path) or 'no pid reported'}")
     pid = int.from_bytes(data, "little")
     return ProcessIdentity(pid, start_time(pid))
@@ -90,21 +93,15 @@ def _middle(
     pid_w: int,
     pass_fd: int,
     in_child: Callable[[], None] | None,
-) -> None:  # pragma: no cover - runs in the forked children
+) -> None:  # pragma: no cover - runs in the forked child
     try:
-        if os.fork() != 0:
-            os._exit(0)
-        # setsid here, in the process that execs: its pid is then the id of
-        # its session and process group
-        os.setsid()
         if cwd is not None:
             os.chdir(cwd)
         if in_child is not None:
             in_child()
-        os.write(pid_w, os.getpid().to_bytes(_PID_BYTES, "little"))
         # park what we keep above the targets, so that no dup2 overwrites
-        # one not placed yet: 0 null, 1+2 log, 3 the passed descriptor; the
-        # pid pipe stays open until exec closes it
+        # one not placed yet: 0 null, 1+2 log, 3 the passed descriptor,
+        # which the launched process inherits; the pid pipe is ours only
         pid_w = fcntl.fcntl(pid_w, fcntl.F_DUPFD_CLOEXEC, _HIGH_FD)
         log_hi = fcntl.fcntl(log_fd, fcntl.F_DUPFD, _HIGH_FD)
         passed_hi = fcntl.fcntl(pass_fd, fcntl.F_DUPFD, _HIGH_FD) if pass_fd >= 0 else -1
@@ -119,22 +116,18 @@ def _middle(
         # nothing of the worker (queues, segments, sockets) leaks inside
         os.closerange(last + 1, pid_w)
         os.closerange(pid_w + 1, 65536)
+        log_fd = 2
+        # the launched process inherits this mask: a clean one
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        os.execve(argv[0], argv, env)  # noqa: S606 - argv comes from the kind, no shell of ours
+        # setsid in the launched process: its pid is then the id of its
+        # session and process group
+        pid = os.posix_spawn(argv[0], argv, env, setsid=True)
+        os.write(pid_w, pid.to_bytes(_PID_BYTES, "little"))
+        os._exit(0)
     except BaseException as exc:  # noqa: BLE001 - a forked child must never return into the worker
         with contextlib.suppress(BaseException):
-            os.write(log_fd if _is_open(log_fd) else 2, f"noodle launcher: cannot run {argv[0]}: {exc!r}\n".encode())
-        with contextlib.suppress(BaseException):
-            os.write(pid_w, _EXEC_FAILED)
+            os.write(log_fd, f"noodle launcher: cannot run {argv[0]}: {exc!r}\n".encode())
     os._exit(127)
-
-
-def _is_open(fd: int) -> bool:  # pragma: no cover - runs in the forked child
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def read_exact(fd: int, n: int, timeout: float) -> bytes:

@@ -13,7 +13,9 @@ Per slot, in the style of Firecracker's jailer:
 * limits: cgroup ``<parent>/<pool>.<slot>`` with ``memory_limit`` bytes and
   ``pids_limit`` tasks (see ``noodle.host.cgroup``);
 * the agent listens on ``/run/noodle/agent.sock`` inside, which is
-  ``<slot>/sock/agent.sock`` on the host.
+  ``<slot>/sock/agent.sock`` on the host. It runs from byte code that setup
+  compiles once (``<run_dir>/jail-agent.pyc``, bound read-only), so that no
+  instance spends its start compiling it (see ``agent_byte_code``).
 
 Every name a leftover can be found by (cgroup, mount source, slot dir)
 carries the pool name and the slot id, so ``clean`` needs no descriptor.
@@ -22,10 +24,14 @@ carries the pool name and the slot id, so ``clean`` needs no descriptor.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
+import marshal
 import os
 import re
 import select
 import shutil
+import subprocess
 import sys
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -42,12 +48,18 @@ from noodle.kinds.base import AgentKind, PoolInfo, SlotContext
 _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT_FILE = os.path.join(_PKG, "agent.py")
 INSIDE_SOCKET = "/run/noodle/agent.sock"
-INSIDE_AGENT = "/opt/noodle/agent.py"
+# `python agent.pyc` skips compiling the agent's source, a quarter of an
+# instance's start; its frames name the source path. The source itself is
+# bound instead when no byte code could be made.
+INSIDE_AGENT = "/opt/noodle/agent.pyc"
+INSIDE_AGENT_SOURCE = "/opt/noodle/agent.py"
 INSIDE_PYTHON = "/opt/python"
 # The ready pipe's fd number in the sandbox
 _READY_FD = PASSED_FD
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _SUN_PATH_MAX = 107
+
+log = logging.getLogger("noodle.kinds.jail")
 
 
 class JailKind(AgentKind):
@@ -96,11 +108,13 @@ class JailKind(AgentKind):
                 raise ConfigError(f"kinds.jail.env: expected string keys and values, got {k!r}={v!r}")
         self._layout: Layout | None = None
         self._backend = ""
+        self._tools: dict[str, str] = {}
         self._rootfs = ""
         self._own_rootfs = False
         self._python_prefix: str | None = None
         self._python_inside = ""
         self._agent_file = AGENT_FILE
+        self._agent_inside = INSIDE_AGENT_SOURCE
         self._library = _library_binds()
 
     # -- names -----------------------------------------------------------------
@@ -137,9 +151,23 @@ class JailKind(AgentKind):
         self._backend = self._pick_backend()
         if not shutil.which("setpriv"):
             raise KindUnavailable("setpriv not found: install the Debian package util-linux")
+        # found once, not on every spawn's path
+        self._tools = {tool: shutil.which(tool) or tool for tool in ("setpriv", "bwrap", "unshare")}
         self._python_prefix, self._python_inside = _python_paths(o["python"])
         if not os.path.isfile(AGENT_FILE):
             raise KindUnavailable(f"the agent file {AGENT_FILE} is missing: reinstall pool-noodle")
+        # In the run directory, which this kind controls: readable by the
+        # slot uid (userns mode binds it as that uid) whatever the
+        # installation's permissions.
+        pyc = os.path.join(self.pool.run_dir, "jail-agent.pyc")
+        compiled = agent_byte_code(_python_host(o["python"]), AGENT_FILE, pyc, self.uid(0), self.gid(0))
+        if compiled is not None:
+            self._agent_file, self._agent_inside = compiled, INSIDE_AGENT
+        elif o["userns"]:
+            copied = _copy_readable(AGENT_FILE, os.path.join(self.pool.run_dir, "jail-agent.py"))
+            self._agent_file, self._agent_inside = copied, INSIDE_AGENT_SOURCE
+        else:
+            self._agent_file, self._agent_inside = AGENT_FILE, INSIDE_AGENT_SOURCE
         if o["rootfs"] is not None:
             self._rootfs = os.path.abspath(o["rootfs"])
             if not os.path.isdir(self._rootfs):
@@ -163,10 +191,10 @@ class JailKind(AgentKind):
         if o["userns"]:
             # bwrap then runs as the slot's uid and resolves every source
             # path itself (an fd passed in is resolved back to its path).
-            # The agent is copied into the run directory, which this kind
-            # controls, so the installation (a checkout in /root, a 0700
-            # home) need not be searchable by other users.
-            self._agent_file = _copy_readable(AGENT_FILE, os.path.join(self.pool.run_dir, "jail-agent.py"))
+            # The agent (its byte code, or a copy) and the library are in
+            # the run directory, which this kind controls, so the
+            # installation (a checkout in /root, a 0700 home) need not be
+            # searchable by other users.
             self._library = _staged_library_binds(os.path.join(self.pool.run_dir, "jail-lib"))
             paths = [self.pool.run_dir, self._agent_file, *o["ro_binds"]]
             if self._python_prefix is not None:
@@ -264,7 +292,7 @@ class JailKind(AgentKind):
         layer): bwrap run as the slot uid (userns) may not create them."""
         dirs = ["run/noodle", "opt/python", "proc", "dev", "tmp", "home/sandbox"]
         dirs += [inside for _host, inside in _library_binds()]
-        files = [INSIDE_AGENT]
+        files = [self._agent_inside]
         for path in self.options["ro_binds"]:
             (dirs if os.path.isdir(path) else files).append(path)
         for d in dirs:
@@ -280,7 +308,8 @@ class JailKind(AgentKind):
     def spawn(self, slot: SlotContext) -> dict[str, Any]:
         self._ensure_setup()
         root = os.path.join(slot.dir, "root")
-        if not mounts_under(root):
+        # a stat, where reading the mount table grows with the pool
+        if not os.path.ismount(root):
             raise StepFailed(f"slot {slot.slot} is not prepared: nothing is mounted on {root}")
         cg = self.slot_cgroup(slot.slot)
         sock = self.socket_path(slot)
@@ -361,9 +390,9 @@ class JailKind(AgentKind):
         if self._python_prefix is not None:
             inner_env["LD_LIBRARY_PATH"] = INSIDE_PYTHON + "/lib"
         inner_env.update(o["env"])
-        agent = [self._python_inside, "-S", INSIDE_AGENT, "--socket", INSIDE_SOCKET, "--ready-fd", str(_READY_FD)]
+        agent = [self._python_inside, "-S", self._agent_inside, "--socket", INSIDE_SOCKET, "--ready-fd", str(_READY_FD)]
         drop = [
-            shutil.which("setpriv") or "/usr/bin/setpriv",
+            self._tools["setpriv"],
             f"--reuid={uid}",
             f"--regid={gid}",
             "--clear-groups",
@@ -387,7 +416,7 @@ class JailKind(AgentKind):
         sock: str,
     ) -> tuple[list[str], dict[str, str]]:
         o = self.options
-        bwrap = shutil.which("bwrap") or "bwrap"
+        bwrap = self._tools["bwrap"]
         argv = [bwrap, "--bind", root, "/"]
         for d in ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"):
             host = "/" + d
@@ -395,7 +424,7 @@ class JailKind(AgentKind):
                 argv += ["--ro-bind", host, host]
         if self._python_prefix is not None:
             argv += ["--ro-bind", self._python_prefix, INSIDE_PYTHON]
-        argv += ["--ro-bind", self._agent_file, INSIDE_AGENT]
+        argv += ["--ro-bind", self._agent_file, self._agent_inside]
         for host, inside in self._library:
             argv += ["--ro-bind", host, inside]
         for path in o["ro_binds"]:
@@ -432,7 +461,7 @@ class JailKind(AgentKind):
                 binds += [host, host]
         if self._python_prefix is not None:
             binds += [self._python_prefix, INSIDE_PYTHON]
-        binds += [self._agent_file, INSIDE_AGENT]
+        binds += [self._agent_file, self._agent_inside]
         for host, inside in self._library:
             binds += [host, inside]
         for path in o["ro_binds"]:
@@ -440,7 +469,7 @@ class JailKind(AgentKind):
         flags = ["--pid", "--fork", "--mount", "--ipc", "--uts", "--cgroup", "--propagation", "private"]
         if not o["network"]:
             flags.append("--net")
-        unshare = shutil.which("unshare") or "unshare"
+        unshare = self._tools["unshare"]
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "R": root, "S": sock, "H": o["hostname"]}
         script = _UNSHARE_SCRIPT
         argv = [unshare, *flags, "--", "/bin/sh", "-c", script, "noodle-jail", str(len(binds) // 2), *binds]
@@ -496,17 +525,20 @@ def _staged_library_binds(dest: str) -> list[tuple[str, str]]:
     return [(os.path.join(dest, os.path.basename(inside)), inside) for _host, inside in _library_binds()]
 
 
+def _python_host(python: str | None) -> str:
+    """The interpreter that runs the agent, as a real path on the host."""
+    if python is None:
+        return os.path.realpath(sys.executable)
+    found = shutil.which(python)
+    if found is None:
+        raise ConfigError(f"kinds.jail.python: {python!r} not found")
+    return os.path.realpath(found)
+
+
 def _python_paths(python: str | None) -> tuple[str | None, str]:
     """(host prefix to bind at /opt/python or None, interpreter path inside)."""
-    if python is None:
-        exe = os.path.realpath(sys.executable)
-        prefix = os.path.realpath(sys.base_prefix)
-    else:
-        found = shutil.which(python)
-        if found is None:
-            raise ConfigError(f"kinds.jail.python: {python!r} not found")
-        exe = os.path.realpath(found)
-        prefix = os.path.dirname(os.path.dirname(exe))
+    exe = _python_host(python)
+    prefix = os.path.realpath(sys.base_prefix) if python is None else os.path.dirname(os.path.dirname(exe))
     if not os.access(exe, os.X_OK):
         raise KindUnavailable(f"python {exe} is not executable: install the Debian package python3")
     if exe.startswith("/usr/"):
@@ -599,17 +631,74 @@ def _wait_ready(ready_r: int, timeout: float, log_path: str) -> None:
     raise StepFailed(f"the jail {why}: log tail: {log_tail(log_path) or '(empty)'}")
 
 
-def _copy_readable(src: str, dest: str) -> str:
-    """Copy ``src`` to ``dest`` readable by everyone (0644), replacing it
-    atomically so a sandbox starting meanwhile binds a whole file."""
-    tmp = f"{dest}.{os.getpid()}.tmp"
+# Run by an interpreter other than ours: the source on stdin, the .pyc on
+# stdout (a header as importlib writes it, then the marshalled code).
+_COMPILE = (
+    "import sys, marshal, importlib.util as u; s = sys.stdin.buffer.read(); "
+    "c = compile(s, sys.argv[1], 'exec', dont_inherit=True); "
+    "sys.stdout.buffer.write(u.MAGIC_NUMBER + bytes(4) + int(sys.argv[2]).to_bytes(4, 'little') "
+    "+ (len(s) & 0xFFFFFFFF).to_bytes(4, 'little') + marshal.dumps(c))"
+)
+_COMPILE_TIMEOUT_S = 120.0
+
+
+def agent_byte_code(python: str, src: str, dest: str, uid: int, gid: int) -> str | None:
+    """Compile the agent ``src`` to ``dest`` (0644, replaced atomically) for
+    the interpreter ``python`` that will run it, since byte code is specific
+    to an interpreter's version; None, with a warning, when that fails (the
+    jail then runs the source, compiling it at every start).
+
+    Our own interpreter compiles in this process. Another one runs on the
+    host for that, so it runs as ``uid``/``gid`` without privileges, as it
+    does in the jail: the setting may name an interpreter that someone
+    other than root can replace. The byte code is made from the host's own
+    agent file and runs only in the jails, never on the host."""
     with open(src, "rb") as f:
-        data = f.read()
+        source = f.read()
+    mtime = int(os.stat(src).st_mtime) & 0xFFFFFFFF
+    if python == os.path.realpath(sys.executable):
+        try:
+            code = compile(source, INSIDE_AGENT_SOURCE, "exec", dont_inherit=True)
+        except (SyntaxError, ValueError) as exc:
+            log.warning("jail: cannot compile the agent %s (%s); instances compile it at every start", src, exc)
+            return None
+        head = importlib.util.MAGIC_NUMBER + bytes(4) + mtime.to_bytes(4, "little")
+        data = head + (len(source) & 0xFFFFFFFF).to_bytes(4, "little") + marshal.dumps(code)
+    else:
+        setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
+        argv = [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs",
+                "--bounding-set=-all", "--inh-caps=-all", python, "-I", "-S", "-c", _COMPILE,
+                INSIDE_AGENT_SOURCE, str(mtime)]  # fmt: skip
+        try:
+            done = subprocess.run(argv, input=source, capture_output=True, cwd="/", env={"PATH": "/usr/bin:/bin"},
+                                  timeout=_COMPILE_TIMEOUT_S, check=False)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("jail: %s could not compile the agent (%s); instances compile it at every start", python, exc)
+            return None
+        data = done.stdout
+        if done.returncode != 0 or len(data) <= _PYC_HEADER:
+            why = done.stderr.decode(errors="replace").strip()[-400:] or f"exit status {done.returncode}"
+            log.warning("jail: %s could not compile the agent (%s); instances compile it at every start", python, why)
+            return None
+    return _write_readable(dest, data)
+
+
+_PYC_HEADER = 16
+
+
+def _copy_readable(src: str, dest: str) -> str:
+    """Copy ``src`` to ``dest`` as ``_write_readable`` writes."""
+    with open(src, "rb") as f:
+        return _write_readable(dest, f.read())
+
+
+def _write_readable(dest: str, data: bytes) -> str:
+    """Write ``dest`` readable by everyone (0644), replacing it atomically
+    so a sandbox starting meanwhile binds a whole file."""
+    tmp = f"{dest}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    try:
-        os.write(fd, data)
-        os.fchmod(fd, 0o644)  # explicit: the supervisor's umask is 007
-    finally:
-        os.close(fd)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        os.fchmod(f.fileno(), 0o644)  # explicit: the supervisor's umask is 007
     os.replace(tmp, dest)
     return dest

@@ -8,6 +8,7 @@ any of its slots is left.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import secrets
 import shutil
@@ -21,9 +22,10 @@ from typing import Any
 
 import pytest
 
-from noodle.errors import ConfigError, KindUnavailable
+from noodle.errors import ConfigError, KindUnavailable, StepFailed
 from noodle.host.cgroup import detect
 from noodle.host.mounts import mountinfo
+from noodle.host.proc import descendants_of
 from noodle.host.proc import start_time as pid_start_time
 from noodle.kinds.base import PoolInfo, SlotContext
 from noodle.kinds.jail import JailKind, build_skeleton
@@ -488,8 +490,9 @@ def test_userns_mode(jails: Jails) -> None:
 @pytest.mark.timeout(120)
 def test_userns_mode_from_a_private_installation(jails: Jails, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An installation other users cannot search (a clone in /root, a 0700
-    home): the kind copies the agent into its run directory instead of
-    refusing, and the slot uid runs it from there."""
+    home): the kind compiles the agent into its run directory instead of
+    refusing, with the configured interpreter (not the one running the
+    kind), and the slot uid runs it from there."""
     if not os.path.exists("/usr/bin/python3"):
         pytest.skip("userns mode needs a python the slot uid can reach; install python3")
     import noodle.kinds.jail as jailmod
@@ -503,10 +506,15 @@ def test_userns_mode_from_a_private_installation(jails: Jails, tmp_path: Path, m
     kind = jails.kind(userns=True, python="/usr/bin/python3", uid_base=225000)
     slot, desc = up(kind)
     assert run(desc, "import os; os.getuid()") == 225000
-    copied = os.path.join(kind.pool.run_dir, "jail-agent.py")
-    assert os.stat(copied).st_mode & 0o777 == 0o644
-    with open(copied, "rb") as a, open(agent, "rb") as b:
-        assert a.read() == b.read()
+    compiled = os.path.join(kind.pool.run_dir, "jail-agent.pyc")
+    assert os.stat(compiled).st_mode & 0o777 == 0o644
+    magic = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c",
+                            "import sys, importlib.util; sys.stdout.buffer.write(importlib.util.MAGIC_NUMBER)"],
+                           capture_output=True, check=True).stdout  # fmt: skip
+    with open(compiled, "rb") as f:
+        head = f.read(16)
+    # the byte code of the private copy: its header records that source's size
+    assert head[:4] == magic and int.from_bytes(head[12:16], "little") == os.path.getsize(agent)
     kind.terminate(slot, desc)
 
 
@@ -536,6 +544,121 @@ def test_spawn_failure_leaves_nothing(jails: Jails) -> None:
         kind.spawn(slot)
     cg = kind.slot_cgroup(0)
     assert cg is not None and cg.procs() == set()
+
+
+@needs_jail
+@pytest.mark.timeout(120)
+def test_agent_runs_from_byte_code_compiled_on_the_host(jails: Jails) -> None:
+    """The instance never compiles the agent: it runs the byte code setup
+    compiled from the host's own agent file, bound read-only; and every
+    process of the jail is in the slot's cgroup (the launcher joined it
+    before starting the jail)."""
+    import noodle.kinds.jail as jailmod
+
+    kind = jails.kind()
+    compiled = os.path.join(kind.pool.run_dir, "jail-agent.pyc")
+    with open(compiled, "rb") as f:
+        head = f.read(16)
+    assert head[:4] == importlib.util.MAGIC_NUMBER
+    assert int.from_bytes(head[12:16], "little") == os.path.getsize(jailmod.AGENT_FILE)
+    assert os.stat(compiled).st_mode & 0o777 == 0o644
+    slot, desc = up(kind)
+    main_file, code_file, write_error = run(desc, """
+import sys, errno
+main = sys.modules['__main__']
+try:
+    open(main.__file__, 'r+b')
+    error = None
+except OSError as exc:
+    error = errno.errorcode[exc.errno]
+(main.__file__, main.read_frame.__code__.co_filename, error)
+""")  # fmt: skip
+    assert (main_file, code_file) == (jailmod.INSIDE_AGENT, jailmod.INSIDE_AGENT_SOURCE)
+    assert write_error in ("EROFS", "EACCES")
+    cg = kind.slot_cgroup(slot.slot)
+    assert cg is not None
+    tree = {desc["pid"], *descendants_of(desc["pid"])}
+    assert len(tree) >= 3  # bwrap, its init, the agent
+    assert tree <= cg.procs(), f"outside the cgroup: {tree - cg.procs()}"
+    kind.terminate(slot, desc)
+
+
+@needs_jail
+@pytest.mark.timeout(120)
+def test_another_interpreter_compiles_the_agent_without_privileges(jails: Jails) -> None:
+    """A configured interpreter other than ours compiles the agent for
+    itself (byte code is per version), run as the pool's first slot uid:
+    the setting may name a program someone other than root can replace,
+    and before it only ever ran inside the jail. The jail then runs that
+    byte code."""
+    if not os.path.exists("/usr/bin/python3"):
+        pytest.skip("needs a second interpreter: install python3")
+    import noodle.kinds.jail as jailmod
+
+    base = tempfile.mkdtemp(prefix="noodle-py-", dir="/tmp")  # reachable by the slot uid
+    jails.extra_dirs.append(base)
+    os.chmod(base, 0o755)
+    os.makedirs(os.path.join(base, "bin"))
+    seen = os.path.join(base, "seen")
+    os.mkdir(seen)
+    os.chmod(seen, 0o777)  # the unprivileged interpreter records its uid here
+    wrapper = os.path.join(base, "bin", "python3")
+    with open(wrapper, "w") as f:
+        # inside the jail `seen` does not exist: the redirection fails, the exec goes on
+        f.write(f'#!/bin/sh\nid -u > {seen}/uid 2>/dev/null\nexec /usr/bin/python3 "$@"\n')
+    os.chmod(wrapper, 0o755)
+    kind = jails.kind(python=wrapper, uid_base=235000)
+    with open(os.path.join(seen, "uid")) as f:
+        assert f.read().strip() == "235000"
+    magic = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c",
+                            "import sys, importlib.util; sys.stdout.buffer.write(importlib.util.MAGIC_NUMBER)"],
+                           capture_output=True, check=True).stdout  # fmt: skip
+    compiled = os.path.join(kind.pool.run_dir, "jail-agent.pyc")
+    with open(compiled, "rb") as f:
+        assert f.read(4) == magic
+    assert (kind._agent_file, kind._agent_inside) == (compiled, jailmod.INSIDE_AGENT)
+    slot, desc = up(kind)
+    probe = "import sys, os; (sys.modules['__main__'].__file__, os.getuid())"
+    assert run(desc, probe) == (jailmod.INSIDE_AGENT, 235000)
+    kind.terminate(slot, desc)
+
+
+def test_an_interpreter_that_cannot_compile_the_agent_gets_the_source(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No byte code (here the interpreter is not even Python): the jail is
+    given the agent's source, as before byte code, and the log says why its
+    instances start slower. A spawn with it fails as such a jail does
+    (test_spawn_failure_leaves_nothing)."""
+    if os.geteuid() != 0:
+        pytest.skip("the jail kind's setup needs root")
+    import noodle.kinds.jail as jailmod
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    kind = JailKind(PoolInfo("tbadpy", 1, str(run_dir), 0, 0), {"python": "/bin/false", "cgroup": False})
+    with caplog.at_level("WARNING", logger="noodle.kinds.jail"):
+        kind.setup()
+    assert "could not compile the agent" in caplog.text
+    assert os.listdir(run_dir) == []  # no byte code, no half-written file
+    assert (kind._agent_file, kind._agent_inside) == (jailmod.AGENT_FILE, jailmod.INSIDE_AGENT_SOURCE)
+    argv, _env = kind._command(kind.pool.slot(0))
+    assert jailmod.INSIDE_AGENT_SOURCE in argv and jailmod.INSIDE_AGENT not in argv
+
+
+@needs_jail
+@pytest.mark.timeout(60)
+def test_spawn_of_an_unprepared_slot_is_refused(jails: Jails) -> None:
+    kind = jails.kind()
+    slot = kind.pool.slot(0)
+    kind.clean(slot)
+    with pytest.raises(StepFailed, match="is not prepared"):
+        kind.spawn(slot)
+    os.makedirs(os.path.join(slot.dir, "root"))  # the directory alone, nothing mounted on it
+    with pytest.raises(StepFailed, match="is not prepared"):
+        kind.spawn(slot)
+    kind.clean(slot)
+    assert leftovers(kind, slot) == []
 
 
 def test_bad_options_name_the_key(tmp_path: Any) -> None:
