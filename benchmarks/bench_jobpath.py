@@ -1,8 +1,11 @@
 """The job path a loaded executor sees, per kind, side by side with starting
 the same thing per job (issue 10, targets 2-5).
 
-process kind (a real ``noodle run`` supervisor, default options plus
-``--health-on-get``, as the issue's "defaults" mean):
+process kind (a real ``noodle run`` supervisor in its own session, as
+systemd starts it, default options plus ``--health-on-get``, as the
+issue's "defaults" mean; each measurement is repeated on a second pool
+with ``--refill-nice 0``, so the refill's lower CPU share is compared
+side by side with none):
 
 * job: ``get()`` + ``call("math:factorial", 20)`` + ``release()`` back to
   back from a full pool of 64, so the pool refills behind the jobs (p50, p99);
@@ -193,27 +196,19 @@ def me(*args: str) -> list[str]:
 # ---- process kind -------------------------------------------------------------------
 
 
-def bench_process(q: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def measure_pool(name: str, size: int, rounds: int, per_sustained: int, extra: list[str],
+                 held: bool) -> dict[str, Any]:  # fmt: skip
+    """One job at a time while the pool refills (``pool_1``), optionally with
+    nothing refilling (``pool_1_held``), then sustained load from CLIENTS
+    processes (``pool_4``), on a pool of ``size`` with ``--health-on-get``."""
     import bench_pool as BP
 
     import noodle
     from noodle.segment import Segment
 
-    size = 64
-    rounds = 2 if q else 4
-    per_sustained = 3 * size // CLIENTS
-    fs_per = 8 if q else 25
-    out: dict[str, Any] = {"pool_size": size}
-    print("  small parent forking per job, 1 and 4 parents ...", flush=True)
-    out["fork_1"] = fork_parents(1, size * rounds)
-    out["fork_4"] = fork_parents(CLIENTS, per_sustained)
-    print(f"  multiprocessing forkserver, {CLIENTS} clients x {fs_per} ...", flush=True)
-    out["forkserver_4"] = run_clients([me("forkserver", str(fs_per)) for _ in range(CLIENTS)], 3.0)
-
-    name = PREFIX
-    runner = U.PoolProcess(name, size, run_dir=f"/tmp/nj{os.getpid()}", extra=["--health-on-get"])
+    out: dict[str, Any] = {}
+    runner = U.PoolProcess(name, size, run_dir=f"/tmp/nj{os.getpid()}{name[-1]}", extra=["--health-on-get", *extra])
     try:
-        print(f"  pool of {size} (defaults: health on get) ...", flush=True)
         runner.start()
         pool = noodle.attach(name)
         seg = Segment.attach(name)
@@ -234,11 +229,12 @@ def bench_process(q: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                 "release_ms": U.summary([x[2] for x in parts], 1e-6, 3),
                 "counters": BP.counter_delta(c0, seg.counters()),
             }
-            held: list[int] = []
-            for _ in range(rounds):
-                runner.wait_full(pool, 300)
-                held += BP.pool_jobs_held(pool, size)[0]
-            out["pool_1_held"] = {"jobs": len(held), "latency_ms": U.summary(held, 1e-6, 3)}
+            if held:
+                kept: list[int] = []
+                for _ in range(rounds):
+                    runner.wait_full(pool, 300)
+                    kept += BP.pool_jobs_held(pool, size)[0]
+                out["pool_1_held"] = {"jobs": len(kept), "latency_ms": U.summary(kept, 1e-6, 3)}
             runner.wait_full(pool, 300)
             print(f"  pool, {CLIENTS} clients x {per_sustained} jobs (sustained) ...", flush=True)
             c0 = seg.counters()
@@ -249,6 +245,27 @@ def bench_process(q: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             pool.close()
     finally:
         out["stop"] = runner.stop()
+    return out
+
+
+def bench_process(q: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    import bench_pool as BP
+
+    size = 64
+    rounds = 2 if q else 4
+    per_sustained = 3 * size // CLIENTS
+    fs_per = 8 if q else 25
+    out: dict[str, Any] = {"pool_size": size}
+    print("  small parent forking per job, 1 and 4 parents ...", flush=True)
+    out["fork_1"] = fork_parents(1, size * rounds)
+    out["fork_4"] = fork_parents(CLIENTS, per_sustained)
+    print(f"  multiprocessing forkserver, {CLIENTS} clients x {fs_per} ...", flush=True)
+    out["forkserver_4"] = run_clients([me("forkserver", str(fs_per)) for _ in range(CLIENTS)], 3.0)
+
+    print(f"  pool of {size} (defaults: health on get; refill_nice 10) ...", flush=True)
+    out.update(measure_pool(PREFIX, size, rounds, per_sustained, [], held=True))
+    print(f"  pool of {size}, refill_nice 0 (the refill competes with the jobs) ...", flush=True)
+    out["nice0"] = measure_pool(f"{PREFIX}z", size, rounds, per_sustained, ["--refill-nice", "0"], held=False)
 
     cycles = 12 if q else 40
     print(f"  lifecycle: 1-slot pool, {cycles} cycles interleaved with direct kind steps ...", flush=True)
@@ -264,9 +281,12 @@ def bench_process(q: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     out["socket_rt"] = socket_round_trips(size * rounds)
     f1, p1, ph = out["fork_1"]["latency_ms"], out["pool_1"]["latency_ms"], out["pool_1_held"]["latency_ms"]
     rt = out["socket_rt"]["latency_ms"]
+    z1, z4 = out["nice0"]["pool_1"]["latency_ms"], out["nice0"]["pool_4"]
     rows = [
         ["job, 1 client: pool get+call+release (refilling behind)", p1["p50"], p1["p99"], None,
          U.ratio(p1["p50"], f1["p50"], 2)],
+        ["job, 1 client: the same with refill_nice 0 (the refill competes with the job)", z1["p50"], z1["p99"], None,
+         U.ratio(z1["p50"], f1["p50"], 2)],
         ["job, 1 client: pool get+call, nothing refilling (leases held to the end)", ph["p50"], ph["p99"], None,
          U.ratio(ph["p50"], f1["p50"], 2)],
         ["floor: one Unix-socket round trip to a process idle for 1 ms (a job makes two)", rt["p50"], rt["p99"],
@@ -274,6 +294,8 @@ def bench_process(q: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         ["job, 1 client: small parent forks a child per job", f1["p50"], f1["p99"], None, 1.0],
         [f"sustained, {CLIENTS} clients: pool", out["pool_4"]["latency_ms"]["p50"],
          out["pool_4"]["latency_ms"]["p99"], out["pool_4"]["jobs_per_s"], None],
+        [f"sustained, {CLIENTS} clients: pool, refill_nice 0", z4["latency_ms"]["p50"], z4["latency_ms"]["p99"],
+         z4["jobs_per_s"], None],
         [f"sustained, {CLIENTS} clients: small parents forking per job", out["fork_4"]["latency_ms"]["p50"],
          out["fork_4"]["latency_ms"]["p99"], out["fork_4"]["jobs_per_s"], None],
         [f"sustained, {CLIENTS} clients: multiprocessing forkserver per job",
@@ -284,6 +306,8 @@ def bench_process(q: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     summary = {
         "job_p50_ms": p1["p50"], "job_p99_ms": p1["p99"], "job_p50_over_fork": U.ratio(p1["p50"], f1["p50"], 2),
         "job_no_refill_p50_ms": ph["p50"], "socket_round_trip_p50_ms": rt["p50"],
+        "job_refill_nice0_p50_ms": z1["p50"], "job_refill_nice0_p99_ms": z1["p99"],
+        "sustained_refill_nice0_jobs_per_s": z4["jobs_per_s"],
         "sustained_jobs_per_s": pj,
         "sustained_over_forkserver": U.ratio(pj, out["forkserver_4"]["jobs_per_s"], 2),
         "sustained_over_fork_parents": U.ratio(pj, out["fork_4"]["jobs_per_s"], 2),
@@ -299,8 +323,9 @@ def bench_process(q: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     tables = [
         U.table("process kind: job path and sustained throughput (ms, jobs/s)",
                 ["variant", "p50 ms", "p99 ms", "jobs/s", "p50 / fork per job"], rows,
-                f"pool of {size}, default options + --health-on-get; sustained = {CLIENTS} client processes x "
-                f"{per_sustained} jobs (3x the pool); pool/forkserver {summary['sustained_over_forkserver']}x, "
+                f"pool of {size}, default options (refill_nice 10) + --health-on-get; sustained = {CLIENTS} client "
+                f"processes x {per_sustained} jobs (3x the pool); "
+                f"pool/forkserver {summary['sustained_over_forkserver']}x, "
                 f"pool/fork parents {summary['sustained_over_fork_parents']}x"),
         U.table("process kind: lifecycle cycle of one slot (ms)",
                 ["step", "direct p50", "in pool, traced mean step", "in pool, traced mean dispatch"], crow),

@@ -155,6 +155,9 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
                      help=f"lifecycle steps running at once, 0: one per worker {_d('max_concurrency')}")  # fmt: skip
     run.add_argument("--max-failures", type=_config_flag("max_failures", int), metavar="N",
                      help=f"failed steps in a row before a slot is abandoned {_d('max_failures')}")  # fmt: skip
+    run.add_argument("--refill-nice", type=_config_flag("refill_nice", int), metavar="N",
+                     help="nice value, 0..19, of the pool's session, so refilling yields the CPU to jobs; applies when"
+                          f" the supervisor leads its session, as under systemd {_d('refill_nice')}")  # fmt: skip
     run.add_argument("--check-health", action="store_const", const=True, default=None,
                      help="run one full lifecycle on a scratch slot before starting; refuse to start if it fails"
                           " (default: off)")  # fmt: skip
@@ -184,7 +187,7 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--log-format", choices=cfgmod.LOG_FORMATS, help=f"json: one object per line {_d('log_format')}")
 
 
-_RUN_KEYS = ("name", "pool_size", "kind", "workers", "max_concurrency", "max_failures", "check_health",
+_RUN_KEYS = ("name", "pool_size", "kind", "workers", "max_concurrency", "max_failures", "refill_nice", "check_health",
              "health_on_get", "get_timeout", "drain_timeout", "abandon_cooldown", "step_timeout",
              "worker_timeout", "descriptor_size", "run_dir", "group", "image_dir", "metrics", "log_level",
              "log_format")  # fmt: skip

@@ -36,6 +36,7 @@ class Config:
     step_timeout: float = 60.0
     worker_timeout: float = 15.0
     max_failures: int = 5
+    refill_nice: int = 10  # autogroup nice of the pool's session: refill yields to jobs (noodle.host.sched)
     descriptor_size: int = DEFAULT_DESCRIPTOR
     run_dir: str = ""
     group: str = ""
@@ -142,6 +143,8 @@ def _check(key: str, value: Any) -> Any:
         return float(value)
     elif key == "max_failures":
         want(is_int(value) and 1 <= value <= 100, "expected an integer in 1..100")
+    elif key == "refill_nice":
+        want(is_int(value) and 0 <= value <= 19, "expected a nice value in 0..19 (0: refill competes with jobs)")
     elif key == "descriptor_size":
         want(is_int(value) and 64 <= value <= MAX_DESCRIPTOR, f"expected bytes in 64..{MAX_DESCRIPTOR}")
     elif key == "kinds":

@@ -44,6 +44,7 @@ from noodle.config import Config
 from noodle.errors import NoodleError
 from noodle.every import Every
 from noodle.healthcheck import run_cycle
+from noodle.host import sched
 from noodle.host.proc import descendants_of
 from noodle.housekeeping import SlotHousekeeping
 from noodle.kinds import Kind, PoolInfo, load_kind
@@ -111,6 +112,15 @@ class Supervisor:
         if cfg.gid is not None:
             os.chown(self.run_dir, -1, cfg.gid)
         self.lock.acquire()
+        # the whole session's share: workers, the zygote and warming instances
+        try:
+            why_not = sched.set_session_nice(cfg.refill_nice)
+        except sched.RefillNiceError as exc:
+            why_not = str(exc)
+        if why_not is None:
+            log.info("refill runs at autogroup nice %d: it yields the CPU to jobs", cfg.refill_nice)
+        elif cfg.refill_nice:
+            log.info("refill_nice %d not applied: %s", cfg.refill_nice, why_not)
         self.kind.setup()
         stopped = recover_stale(cfg.name, self.kind, cfg.pool_size)
         if stopped:

@@ -134,7 +134,8 @@ def run_root() -> Iterator[str]:
 class Supervisor:
     """A real `noodle run` in a child process."""
 
-    def __init__(self, name: str, run_root: str, args: list[str], config: str | None, log_path: Path) -> None:
+    def __init__(self, name: str, run_root: str, args: list[str], config: str | None, log_path: Path,
+                 own_session: bool = False) -> None:  # fmt: skip
         self.name = name
         self.run_root = run_root
         self.log_path = log_path
@@ -145,7 +146,8 @@ class Supervisor:
             cmd += ["--config", str(cfg)]
         self.log = open(log_path, "ab")
         env = dict(os.environ, PYTHONPATH=str(REPO))
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, env=env)
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, env=env,
+                                     start_new_session=own_session)  # own_session: as systemd starts a service
 
     @property
     def pid(self) -> int:
@@ -251,8 +253,9 @@ def supervisor(pool_name: str, run_root: str, tmp_path: Path) -> Iterator[Callab
     asserted) at teardown, before the leak check of `pool_name`."""
     started: list[Supervisor] = []
 
-    def start(*args: str, config: str | None = None, name: str | None = None) -> Supervisor:
-        sup = Supervisor(name or pool_name, run_root, list(args), config, tmp_path / f"supervisor{len(started)}.log")
+    def start(*args: str, config: str | None = None, name: str | None = None, own_session: bool = False) -> Supervisor:
+        log_path = tmp_path / f"supervisor{len(started)}.log"
+        sup = Supervisor(name or pool_name, run_root, list(args), config, log_path, own_session)
         started.append(sup)
         return sup
 

@@ -140,7 +140,7 @@ WRONG = {
     "check_health": "'yes'", "health_on_get": "1", "get_timeout": "'soon'", "drain_timeout": "-5",
     "abandon_cooldown": "[]", "step_timeout": "0", "worker_timeout": "0", "max_failures": "0",
     "descriptor_size": "10", "run_dir": "7", "group": "3", "log_level": "'LOUD'", "kinds": "7",
-    "log_format": "'xml'", "metrics": "'9464'", "image_dir": "'relative/dir'",
+    "log_format": "'xml'", "metrics": "'9464'", "image_dir": "'relative/dir'", "refill_nice": "20",
 }
 
 

@@ -8,5 +8,7 @@ its kinds rely on, so that each has exactly one meaning.
   memory and pids limits;
 * ``mounts``: mount/umount without a subprocess, the mount table;
 * ``launch``: starting a detached process (new session, not our child), its
-  pidfile and the tail of its log.
+  pidfile and the tail of its log;
+* ``sched``: the CPU share of the pool's refill work (its session's
+  autogroup nice value).
 """
