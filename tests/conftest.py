@@ -184,6 +184,24 @@ class Supervisor:
         return code
 
 
+@pytest.fixture
+def bare_pool(pool_name: str) -> Iterator[Any]:
+    """A segment and queues owned by this process, as a supervisor makes
+    them, so `noodle.attach` works without workers (nothing is refilled)."""
+    from noodle import queues
+    from noodle.segment import Segment
+
+    seg = Segment.create(pool_name, 4, "process")
+    seg.heartbeat()
+    qs = queues.create_all(pool_name)
+    yield seg
+    for q in qs.values():
+        q.close()
+    queues.unlink_all(pool_name)
+    seg.close()
+    seg.unlink()
+
+
 @contextlib.contextmanager
 def running_pool(name: str, pool_size: int, log_dir: Path) -> Iterator[Any]:
     """A real pool for a module's tests, attached and full; afterwards the

@@ -25,16 +25,8 @@ from tests.test_segment import make_ready
 
 
 @pytest.fixture
-def bare(pool_name: str) -> Iterator[Segment]:
-    seg = Segment.create(pool_name, 4, "process")
-    seg.heartbeat()
-    qs = queues.create_all(pool_name)
-    yield seg
-    for q in qs.values():
-        q.close()
-    queues.unlink_all(pool_name)
-    seg.close()
-    seg.unlink()
+def bare(bare_pool: Segment) -> Segment:
+    return bare_pool
 
 
 @pytest.fixture

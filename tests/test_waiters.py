@@ -145,26 +145,9 @@ import select as _select  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
 
-from noodle import queues  # noqa: E402
 from noodle.holders import TURN_HOLD_S, TurnWatch  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
-
-
-@pytest.fixture
-def bare_pool(pool_name: str) -> Iterator[Segment]:
-    """A segment and queues owned by this process, as a supervisor makes
-    them, so `noodle.attach` works without workers (nothing is refilled)."""
-    seg = Segment.create(pool_name, 4, "process")
-    seg.heartbeat()
-    qs = queues.create_all(pool_name)
-    yield seg
-    for q in qs.values():
-        q.close()
-    queues.unlink_all(pool_name)
-    seg.close()
-    seg.unlink()
 
 
 def _script(name: str, body: str) -> subprocess.Popen[str]:
