@@ -207,7 +207,7 @@ def measure_pool(name: str, size: int, rounds: int, per_sustained: int, extra: l
     from noodle.segment import Segment
 
     out: dict[str, Any] = {}
-    runner = U.PoolProcess(name, size, run_dir=f"/tmp/nj{os.getpid()}{name[-1]}", extra=["--health-on-get", *extra])
+    runner = U.PoolProcess(name, size, run_dir=f"/tmp/nj{name}", extra=["--health-on-get", *extra])
     try:
         runner.start()
         pool = noodle.attach(name)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -18,20 +20,8 @@ def test_zombie_holder_lease_is_reclaimed(supervisor, pool_name: str) -> None:
     sup = supervisor("--pool-size", "2")
     pool = sup.attach()
     wait_full(pool)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # holds a lease and exits; we do not reap it: a zombie holder
-        code = 1
-        try:
-            child = noodle.attach(pool_name)
-            lease = child.get(timeout=30)
-            os.write(w, lease.slot.to_bytes(4, "little"))
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    slot = int.from_bytes(os.read(r, 4), "little")
-    os.close(r)
+    # holds a lease and exits; we do not reap it: a zombie holder
+    pid, slot = _forked_holder(pool_name, lambda lease: None)
     try:
         wait_for(lambda: open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", 30, "a zombie")
         assert L.word_pid(pool._seg.core.load(slot)) == pid
@@ -48,22 +38,12 @@ def test_stopped_holder_keeps_its_lease(supervisor, pool_name: str) -> None:
     sup = supervisor("--pool-size", "1")
     pool = sup.attach()
     wait_full(pool)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            child = noodle.attach(pool_name)
-            lease = child.get(timeout=30)
-            os.write(w, lease.slot.to_bytes(4, "little"))
-            os.kill(os.getpid(), signal.SIGSTOP)
-            lease.release()
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    slot = int.from_bytes(os.read(r, 4), "little")
-    os.close(r)
+
+    def stop_then_release(lease: Any) -> None:
+        os.kill(os.getpid(), signal.SIGSTOP)
+        lease.release()
+
+    pid, slot = _forked_holder(pool_name, stop_then_release)
     try:
         word = pool._seg.core.load(slot)
         assert L.word_state(word) == L.State.LEASED and L.word_pid(word) == pid
@@ -80,3 +60,24 @@ def test_stopped_holder_keeps_its_lease(supervisor, pool_name: str) -> None:
         os.waitpid(pid, 0)
     wait_full(pool)
     pool.close()
+
+
+def _forked_holder(pool_name: str, then: Callable[[Any], None]) -> tuple[int, int]:
+    """Fork a child that leases an instance of the pool, reports the slot,
+    runs ``then(lease)`` and exits (unreaped: the caller waits for it).
+    Returns (child pid, slot)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            lease = noodle.attach(pool_name).get(timeout=30)
+            os.write(w, lease.slot.to_bytes(4, "little"))
+            then(lease)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    slot = int.from_bytes(os.read(r, 4), "little")
+    os.close(r)
+    return pid, slot

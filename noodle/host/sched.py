@@ -27,7 +27,7 @@ class RefillNiceError(OSError):
     """Writing ``/proc/self/autogroup`` failed (raised by set_session_nice)."""
 
 
-def set_session_nice(nice: int, proc: str = "/proc") -> str | None:
+def set_session_nice(nice: int) -> str | None:
     """Set this session's autogroup nice value to ``nice`` (0..19).
 
     Returns why nothing was changed (a sentence for the log), or None when
@@ -47,7 +47,7 @@ def set_session_nice(nice: int, proc: str = "/proc") -> str | None:
     # host-wide, and answers EAGAIN to the rest.
     for _ in range(10):
         try:
-            with open(os.path.join(proc, "self", "autogroup"), "w") as f:
+            with open("/proc/self/autogroup", "w") as f:
                 f.write(str(nice))
             return None
         except OSError as exc:
